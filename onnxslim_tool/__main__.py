@@ -1,0 +1,3 @@
+from onnxslim_tool.cli import main
+
+main()

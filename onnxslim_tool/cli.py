@@ -1,0 +1,247 @@
+"""The `onnxslim-tool` command line: flags in, API calls, tables out. Thin on purpose."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from onnxslim_tool import __version__, api, io, report
+from onnxslim_tool.cost import analyze_cost
+from onnxslim_tool.data import load_data
+from onnxslim_tool.errors import BudgetError, OnnxSlimError
+
+app = typer.Typer(
+    name="onnxslim-tool",
+    help=(
+        "Make a trained ONNX model smaller and faster, and measure with onnxruntime what it cost.\n\n"
+        "Start with `inspect MODEL` to see where the parameters and MACs are, `compress MODEL -o OUT "
+        "--data calib.npz` to rewrite it, and `evaluate ORIGINAL OUT --data eval.npz` to compare."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="Fix a dynamic input shape, NAME=1x3x224x224 (repeatable). Unset dynamic dims count as 1.",
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", help=".npz keyed by input names (optional 'labels'), .npy (one input) or an image folder."
+    ),
+]
+SyntheticOpt = Annotated[
+    bool,
+    typer.Option(
+        "--synthetic", help="Use seeded random inputs (reports say so). Only when you have no data."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]] | None:
+    """NAME=1x3x224x224 (or NAME=1,3,224,224) into {NAME: [1, 3, 224, 224]}."""
+    if not specs:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        if not sep or not name:
+            raise OnnxSlimError(f"--input-shape '{spec}': expected NAME=1x3x224x224")
+        try:
+            shapes[name] = [int(d) for d in dims.replace(",", "x").split("x")]
+        except ValueError:
+            raise OnnxSlimError(
+                f"--input-shape '{spec}': dimensions must be integers like 1x3x224x224"
+            ) from None
+    return shapes
+
+
+def _emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no inf/nan: write them as strings so any parser reads the report."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="The .onnx file to describe.")],
+    input_shape: InputShapeOpt = None,
+    top: Annotated[int | None, typer.Option(help="Show only the N layers with the most MACs.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Inputs/outputs, operator histogram, and per-layer params and MACs with totals."""
+    loaded = io.load(model, lift_constants=False)
+    cost = analyze_cost(loaded, parse_input_shapes(input_shape))
+    summary = cost.to_dict()
+    summary = {
+        "model": str(model),
+        "total_macs": summary.pop("total_macs"),
+        "total_params": summary.pop("total_params"),
+        "file_bytes": io.file_size(model),
+        **summary,
+    }
+    if json_output:
+        _emit_json(_json_safe(summary))
+    else:
+        report.print_inspection(out, summary, top)
+
+
+@app.command()
+def evaluate(
+    reference: Annotated[Path, typer.Argument(help="The original model.")],
+    candidate: Annotated[Path, typer.Argument(help="The model to judge against it.")],
+    data: DataOpt = None,
+    synthetic: SyntheticOpt = False,
+    threads: Annotated[
+        int, typer.Option(help="onnxruntime intra-op threads for the latency measurement.")
+    ] = 1,
+    runs: Annotated[
+        int, typer.Option(help="Timed runs per model (interleaved); the median is reported.")
+    ] = 20,
+    input_shape: InputShapeOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed for --synthetic inputs.")] = 0,
+    json_output: JsonOpt = False,
+) -> None:
+    """Compare CANDIDATE with REFERENCE on the same inputs: fidelity, accuracy, size and latency."""
+    ref_model = io.load(reference)
+    dataset = load_data(
+        data, ref_model, synthetic=synthetic, seed=seed, input_shapes=parse_input_shapes(input_shape)
+    )
+    result = api.evaluate(reference, candidate, dataset, threads=threads, runs=runs)
+    if json_output:
+        _emit_json(_json_safe(result))
+    else:
+        report.print_evaluation(out, result)
+
+
+@app.command()
+def compress(
+    model: Annotated[Path, typer.Argument(help="The .onnx model to compress (never modified).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the compressed model.")],
+    data: DataOpt = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option("--eval-data", help="Held-out data to judge accuracy (else --data is split)."),
+    ] = None,
+    synthetic: SyntheticOpt = False,
+    input_shape: InputShapeOpt = None,
+    report_path: Annotated[
+        Path | None, typer.Option("--report", help="Also write the JSON report here.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for every random choice; same seed, same output bytes.")
+    ] = 0,
+    json_output: JsonOpt = False,
+) -> None:
+    """Rewrite MODEL into a smaller/faster model at OUT, validated pass by pass.
+
+    With no method flag it runs the lossless cleanup: constant folding, BatchNorm folding,
+    Identity/Dropout removal, dead code and duplicate weights removal.
+    """
+    if io.same_file(model, output) or model.resolve() == output.resolve():
+        raise OnnxSlimError(f"output path is the input path: {output} (the input is never overwritten)")
+    loaded = io.load(model)
+    shapes = parse_input_shapes(input_shape)
+    calibration = (
+        load_data(data, loaded, synthetic=synthetic, seed=seed, input_shapes=shapes)
+        if (data is not None or synthetic)
+        else None
+    )
+    held_out = load_data(eval_data, loaded, input_shapes=shapes) if eval_data is not None else None
+    with err.status("compressing", spinner="dots") as status:
+        result = api.compress(
+            loaded,
+            calibration,
+            eval_data=held_out,
+            input_shapes=shapes,
+            seed=seed,
+            progress=lambda msg: status.update(msg),
+        )
+    written = result.save(output)
+    written_bytes = io.file_size(written)
+    payload = {"output": str(written), "written_bytes": written_bytes, **result.to_dict()}
+    if report_path is not None:
+        report_path.write_text(json.dumps(_json_safe(payload), indent=2, default=_json_default))
+    if json_output:
+        _emit_json(_json_safe(payload))
+    else:
+        report.print_result(out, result, written_bytes)
+        out.print(f"wrote {written}")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        out.print(f"onnxslim-tool {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Entry point: one clear line and exit 1 on a refusal, 2 on a missed budget, 130 on Ctrl-C."""
+    try:
+        app(standalone_mode=False)
+    except OnnxSlimError as exc:
+        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2 if isinstance(exc, BudgetError) else 1)
+    except KeyboardInterrupt:
+        err.print("interrupted: no output was written", markup=False)
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except Exception as exc:  # click usage errors and real bugs: still one line, never a traceback
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            err.print("interrupted: no output was written", markup=False)
+            sys.exit(130)
+        if os.environ.get("ONNXSLIM_DEBUG"):
+            traceback.print_exc()
+        err.print(
+            f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(set ONNXSLIM_DEBUG=1 for the traceback)",
+            markup=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

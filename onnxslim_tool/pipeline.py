@@ -1,0 +1,331 @@
+"""The pass runner: apply, validate, measure, gate, back off; every decision recorded.
+
+After each pass the model must pass the full onnx checker, load in onnxruntime, produce
+finite outputs, and (for a lossless pass) match the model before the pass. A pass that
+fails any of that is rolled back. With an accuracy budget, a pass that breaks it is
+replaced by its milder version until the budget holds, or rolled back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxslim_tool import io, metrics, runtime
+from onnxslim_tool.cost import analyze_cost
+from onnxslim_tool.data import CalibrationData
+from onnxslim_tool.errors import OnnxSlimError
+from onnxslim_tool.passes.base import CompressionPass, PassRecord
+
+# A lossless pass may move outputs by float reassociation only.
+LOSSLESS_REL_TOL = 1e-3
+LOSSLESS_MIN_COSINE = 0.9999
+
+
+@dataclass
+class ModelStats:
+    """Size and cost of one model, each number from its one source."""
+
+    params: int
+    bytes: int
+    macs: int
+    nodes: int
+
+    @classmethod
+    def of(cls, model: ir.Model, input_shapes: dict[str, Sequence[int]] | None = None) -> ModelStats:
+        cost = analyze_cost(model, input_shapes)
+        return cls(cost.total_params, io.serialized_size(model), cost.total_macs, cost.node_count)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"params": self.params, "bytes": self.bytes, "macs": self.macs, "nodes": self.nodes}
+
+
+@dataclass
+class Evaluation:
+    """Outputs of a model on the evaluation data, plus the task metric when labels exist."""
+
+    outputs: dict[str, np.ndarray]
+    accuracy: float | None
+
+    def fidelity_to(self, reference: Evaluation) -> list[metrics.OutputFidelity]:
+        return metrics.compare_outputs(reference.outputs, self.outputs)
+
+
+@dataclass
+class StepOutcome:
+    """What happened to one pass: applied, no-op, backed off or rolled back, and why."""
+
+    name: str
+    status: str
+    record: PassRecord
+    reason: str = ""
+    fidelity: list[metrics.OutputFidelity] = field(default_factory=list)
+    accuracy: float | None = None
+    stats: ModelStats | None = None
+    seconds: float = 0.0
+    attempts: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "record": self.record.to_dict(),
+            "fidelity": [f.to_dict() for f in self.fidelity],
+            "accuracy": self.accuracy,
+            "stats": self.stats.to_dict() if self.stats else None,
+            "seconds": round(self.seconds, 3),
+            "attempts": self.attempts,
+        }
+
+
+@dataclass
+class Result:
+    """The compressed model, the original's and the result's numbers, and every step."""
+
+    model: ir.Model
+    before: ModelStats
+    after: ModelStats
+    steps: list[StepOutcome]
+    fidelity: list[metrics.OutputFidelity]
+    accuracy_before: float | None
+    accuracy_after: float | None
+    data_source: str
+    synthetic_data: bool
+    eval_samples: int
+
+    def save(self, path: str | Path) -> Path:
+        return io.save(self.model, path)
+
+    @property
+    def max_output_difference(self) -> float:
+        return max((f.max_abs_error for f in self.fidelity), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "ratios": {
+                "bytes": _ratio(self.after.bytes, self.before.bytes),
+                "params": _ratio(self.after.params, self.before.params),
+                "macs": _ratio(self.after.macs, self.before.macs),
+            },
+            "accuracy_before": self.accuracy_before,
+            "accuracy_after": self.accuracy_after,
+            "fidelity": [f.to_dict() for f in self.fidelity],
+            "max_output_difference": self.max_output_difference,
+            "data": {
+                "source": self.data_source,
+                "synthetic": self.synthetic_data,
+                "eval_samples": self.eval_samples,
+            },
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"params {self.before.params:,} -> {self.after.params:,}",
+            f"bytes  {self.before.bytes:,} -> {self.after.bytes:,}",
+            f"MACs   {self.before.macs:,} -> {self.after.macs:,}",
+            f"nodes  {self.before.nodes:,} -> {self.after.nodes:,}",
+            f"max output difference {self.max_output_difference:.3g}",
+        ]
+        if self.accuracy_before is not None:
+            lines.append(f"accuracy {self.accuracy_before:.4f} -> {self.accuracy_after:.4f}")
+        if self.synthetic_data:
+            lines.append("measured on SYNTHETIC random data, not on real inputs")
+        for step in self.steps:
+            lines.append(f"[{step.status}] {step.name}" + (f": {step.reason}" if step.reason else ""))
+        return "\n".join(lines)
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
+
+
+ProgressFn = Callable[[str], None]
+
+
+class Pipeline:
+    """Runs passes one at a time on a model, keeping only what validates and fits the budget."""
+
+    def __init__(
+        self,
+        passes: Sequence[CompressionPass],
+        eval_data: CalibrationData,
+        *,
+        max_drop: float | None = None,
+        input_shapes: dict[str, Sequence[int]] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.eval_data = eval_data
+        self.max_drop = max_drop
+        self.input_shapes = input_shapes
+        self.progress = progress or (lambda _msg: None)
+
+    def run(self, model: ir.Model) -> Result:
+        original = io.load(model, lift_constants=False)  # the caller's model is never mutated
+        working = io.load(model, lift_constants=False)
+        self.progress("measuring the original model")
+        before_stats = ModelStats.of(original, self.input_shapes)
+        reference = self.evaluate(original)
+        current = reference
+        steps: list[StepOutcome] = []
+        for compression_pass in self.passes:
+            self.progress(f"pass {compression_pass.name}")
+            working, current, outcome = self._run_step(working, compression_pass, reference, current)
+            steps.append(outcome)
+        after_stats = ModelStats.of(working, self.input_shapes)
+        return Result(
+            model=working,
+            before=before_stats,
+            after=after_stats,
+            steps=steps,
+            fidelity=current.fidelity_to(reference),
+            accuracy_before=reference.accuracy,
+            accuracy_after=current.accuracy,
+            data_source=self.eval_data.source,
+            synthetic_data=self.eval_data.synthetic,
+            eval_samples=len(self.eval_data),
+        )
+
+    def evaluate(self, model: ir.Model) -> Evaluation:
+        session = runtime.make_session(model)
+        outputs = runtime.run_feeds(session, self.eval_data.batches(64))
+        return Evaluation(outputs, metrics.task_accuracy(outputs, self.eval_data.labels))
+
+    def _run_step(
+        self, model: ir.Model, first: CompressionPass, reference: Evaluation, previous: Evaluation
+    ) -> tuple[ir.Model, Evaluation, StepOutcome]:
+        start = time.perf_counter()
+        attempts: list[str] = []
+        candidate_pass: CompressionPass | None = first
+        last_reason = ""
+        last_record = PassRecord(first.name, first.params())
+        while candidate_pass is not None:
+            candidate = io.load(model, lift_constants=False)
+            try:
+                result = candidate_pass(candidate)
+                record = getattr(result, "record", None) or PassRecord(candidate_pass.name)
+            except OnnxSlimError as exc:
+                last_reason = f"pass refused: {exc}"
+                break
+            except Exception as exc:  # a bug in a pass must never reach the user's model
+                last_reason = f"pass failed: {type(exc).__name__}: {str(exc)[:200]}"
+                break
+            last_record = record
+            if not record.modified:
+                return (
+                    model,
+                    previous,
+                    StepOutcome(
+                        candidate_pass.name,
+                        "no-op",
+                        record,
+                        "nothing to change",
+                        seconds=time.perf_counter() - start,
+                    ),
+                )
+            problem, evaluation = self.validate(candidate, previous, lossless=candidate_pass.lossless)
+            if problem is None and evaluation is not None:
+                budget_problem = self._budget_problem(reference, evaluation)
+                if budget_problem is None:
+                    status = "applied" if candidate_pass is first else "backed off"
+                    outcome = StepOutcome(
+                        candidate_pass.name,
+                        status,
+                        record,
+                        "; ".join(attempts),
+                        fidelity=evaluation.fidelity_to(previous),
+                        accuracy=evaluation.accuracy,
+                        stats=ModelStats.of(candidate, self.input_shapes),
+                        seconds=time.perf_counter() - start,
+                        attempts=attempts,
+                    )
+                    return candidate, evaluation, outcome
+                problem = budget_problem
+            attempts.append(f"{candidate_pass!r}: {problem}")
+            last_reason = problem
+            candidate_pass = candidate_pass.milder()
+        return (
+            model,
+            previous,
+            StepOutcome(
+                first.name,
+                "rolled back",
+                last_record,
+                last_reason,
+                seconds=time.perf_counter() - start,
+                attempts=attempts,
+            ),
+        )
+
+    def validate(
+        self, candidate: ir.Model, previous: Evaluation, *, lossless: bool
+    ) -> tuple[str | None, Evaluation | None]:
+        """None when the candidate is a valid model that behaves as promised, else why not."""
+        try:
+            check_model(candidate)
+        except Exception as exc:
+            return f"onnx checker: {_one_line(exc)}", None
+        try:
+            evaluation = self.evaluate(candidate)
+        except OnnxSlimError as exc:
+            return str(exc), None
+        try:
+            fidelity = evaluation.fidelity_to(previous)
+        except ValueError as exc:
+            return str(exc), None
+        for f in fidelity:
+            if not f.finite:
+                return f"output '{f.name}' has NaN/Inf values", None
+            if lossless and (f.max_rel_error > LOSSLESS_REL_TOL or f.cosine < LOSSLESS_MIN_COSINE):
+                return (
+                    f"lossless pass changed output '{f.name}' (rel. error {f.max_rel_error:.2e}, "
+                    f"cosine {f.cosine:.6f})"
+                ), None
+        return None, evaluation
+
+    def _budget_problem(self, reference: Evaluation, evaluation: Evaluation) -> str | None:
+        if self.max_drop is None:
+            return None
+        drop, metric_name = metric_drop(reference, evaluation)
+        if drop > self.max_drop + 1e-12:
+            return f"{metric_name} dropped by {drop:.4f} (budget {self.max_drop:.4f})"
+        return None
+
+
+def metric_drop(reference: Evaluation, candidate: Evaluation) -> tuple[float, str]:
+    """Drop of the task metric (accuracy) when labels exist, else of fidelity to the original."""
+    if reference.accuracy is not None and candidate.accuracy is not None:
+        return reference.accuracy - candidate.accuracy, "accuracy"
+    fidelity = candidate.fidelity_to(reference)
+    agreements = [f.top1_agreement for f in fidelity if f.top1_agreement is not None]
+    if agreements:
+        return 1.0 - min(agreements), "top-1 agreement"
+    return 1.0 - min(f.cosine for f in fidelity), "output cosine"
+
+
+def check_model(model: ir.Model) -> None:
+    """The full onnx checker (with shape inference), through a file for models over 2 GB."""
+    if io.weight_bytes(model) > io.EXTERNAL_DATA_THRESHOLD or io.has_external_tensors(model):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="onnxslim-check-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            io.save(model, path, external_data_threshold=0)
+            onnx.checker.check_model(str(path), full_check=True)
+        return
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
