@@ -13,7 +13,7 @@ from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import DataError
 from onnxslim_tool.passes.base import CompressionPass
 from onnxslim_tool.passes.normalize import Cleanup
-from onnxslim_tool.pipeline import Pipeline, ProgressFn, Result
+from onnxslim_tool.pipeline import EVAL_BATCH, Pipeline, ProgressFn, Result, covered_labels
 
 # Held-out share when one data set must serve both calibration and evaluation.
 DEFAULT_HOLDOUT = 0.5
@@ -46,6 +46,8 @@ def compress(
         passes, evaluation, max_drop=max_drop, input_shapes=input_shapes, progress=progress
     ).run(loaded)
     result.model.metadata_props["onnxslim_tool.version"] = __version__
+    if isinstance(model, (str, os.PathLike)):
+        result.before.bytes = io.file_size(model)  # what is on disk, not a re-serialization
     return result
 
 
@@ -94,8 +96,9 @@ def evaluate(
     data.validate(cand_model)
     ref_session = runtime.make_session(ref_model, threads)
     cand_session = runtime.make_session(cand_model, threads)
-    ref_out = runtime.run_feeds(ref_session, data.batches(64))
-    cand_out = runtime.run_feeds(cand_session, data.batches(64))
+    ref_out = runtime.run_feeds(ref_session, data.batches(EVAL_BATCH))
+    cand_out = runtime.run_feeds(cand_session, data.batches(EVAL_BATCH))
+    labels = covered_labels(data, EVAL_BATCH)
     fidelity = metrics.compare_outputs(ref_out, cand_out)
     feed = next(iter(data.batches(1)))
     lat = runtime.measure_latency({"reference": ref_session, "candidate": cand_session}, feed, runs=runs)
@@ -106,8 +109,8 @@ def evaluate(
         "min_snr_db": min(f.snr_db for f in fidelity),
         "max_abs_error": max(f.max_abs_error for f in fidelity),
         "top1_agreement": min(agreements) if agreements else None,
-        "accuracy_reference": metrics.task_accuracy(ref_out, data.labels),
-        "accuracy_candidate": metrics.task_accuracy(cand_out, data.labels),
+        "accuracy_reference": metrics.task_accuracy(ref_out, labels),
+        "accuracy_candidate": metrics.task_accuracy(cand_out, labels),
         "reference_bytes": ref_bytes,
         "candidate_bytes": cand_bytes,
         "size_ratio": cand_bytes / ref_bytes if ref_bytes else None,

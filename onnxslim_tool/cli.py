@@ -14,7 +14,7 @@ from rich.console import Console
 
 from onnxslim_tool import __version__, api, io, report
 from onnxslim_tool.cost import analyze_cost
-from onnxslim_tool.data import load_data
+from onnxslim_tool.data import ImageOptions, load_data
 from onnxslim_tool.errors import BudgetError, OnnxSlimError
 
 app = typer.Typer(
@@ -51,6 +51,89 @@ SyntheticOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+
+_IMAGES = "Image folder preprocessing (when --data is a folder of images)"
+ImageSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--image-size",
+        help="Resize to HxW, e.g. 224x224 (default: the model's input).",
+        rich_help_panel=_IMAGES,
+    ),
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mean", help="Per-channel mean after --scale, e.g. 0.485,0.456,0.406.", rich_help_panel=_IMAGES
+    ),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--std", help="Per-channel std after --scale, e.g. 0.229,0.224,0.225.", rich_help_panel=_IMAGES
+    ),
+]
+ScaleOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--scale",
+        help="Pixel multiplier before mean/std (default 1/255 for float inputs).",
+        rich_help_panel=_IMAGES,
+    ),
+]
+LayoutOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layout", help="NCHW or NHWC (default: from the model's input shape).", rich_help_panel=_IMAGES
+    ),
+]
+ColorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--color", help="RGB, BGR or L (grey) (default: from the channel count).", rich_help_panel=_IMAGES
+    ),
+]
+
+
+def image_options(
+    size: str | None,
+    mean: str | None,
+    std: str | None,
+    scale: float | None,
+    layout: str | None,
+    color: str | None,
+) -> ImageOptions | None:
+    if all(v is None for v in (size, mean, std, scale, layout, color)):
+        return None
+    if layout is not None and layout.upper() not in ("NCHW", "NHWC"):
+        raise OnnxSlimError(f"--layout must be NCHW or NHWC, got '{layout}'")
+    if color is not None and color.upper() not in ("RGB", "BGR", "L"):
+        raise OnnxSlimError(f"--color must be RGB, BGR or L, got '{color}'")
+    return ImageOptions(
+        size=_ints(size, "--image-size", "x", 2) if size else None,
+        mean=_floats(mean, "--mean") if mean else None,
+        std=_floats(std, "--std") if std else None,
+        scale=scale,
+        layout=layout.upper() if layout else None,  # type: ignore[arg-type]
+        color=color.upper() if color else None,  # type: ignore[arg-type]
+    )
+
+
+def _ints(text: str, flag: str, sep: str, count: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.lower().split(sep))
+    except ValueError:
+        raise OnnxSlimError(f"{flag} '{text}': expected integers like 224{sep}224") from None
+    if len(values) != count:
+        raise OnnxSlimError(f"{flag} '{text}': expected {count} values")
+    return values
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise OnnxSlimError(f"{flag} '{text}': expected numbers separated by commas") from None
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]] | None:
@@ -133,11 +216,22 @@ def evaluate(
     input_shape: InputShapeOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for --synthetic inputs.")] = 0,
     json_output: JsonOpt = False,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    layout: LayoutOpt = None,
+    color: ColorOpt = None,
 ) -> None:
     """Compare CANDIDATE with REFERENCE on the same inputs: fidelity, accuracy, size and latency."""
     ref_model = io.load(reference)
     dataset = load_data(
-        data, ref_model, synthetic=synthetic, seed=seed, input_shapes=parse_input_shapes(input_shape)
+        data,
+        ref_model,
+        synthetic=synthetic,
+        seed=seed,
+        input_shapes=parse_input_shapes(input_shape),
+        image_options=image_options(image_size, mean, std, scale, layout, color),
     )
     result = api.evaluate(reference, candidate, dataset, threads=threads, runs=runs)
     if json_output:
@@ -164,6 +258,12 @@ def compress(
         int, typer.Option(help="Seed for every random choice; same seed, same output bytes.")
     ] = 0,
     json_output: JsonOpt = False,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    layout: LayoutOpt = None,
+    color: ColorOpt = None,
 ) -> None:
     """Rewrite MODEL into a smaller/faster model at OUT, validated pass by pass.
 
@@ -172,17 +272,23 @@ def compress(
     """
     if io.same_file(model, output) or model.resolve() == output.resolve():
         raise OnnxSlimError(f"output path is the input path: {output} (the input is never overwritten)")
+    io.check_writable(output)  # fail before the work, not after it
     loaded = io.load(model)
     shapes = parse_input_shapes(input_shape)
+    images = image_options(image_size, mean, std, scale, layout, color)
     calibration = (
-        load_data(data, loaded, synthetic=synthetic, seed=seed, input_shapes=shapes)
+        load_data(data, loaded, synthetic=synthetic, seed=seed, input_shapes=shapes, image_options=images)
         if (data is not None or synthetic)
         else None
     )
-    held_out = load_data(eval_data, loaded, input_shapes=shapes) if eval_data is not None else None
+    held_out = (
+        load_data(eval_data, loaded, input_shapes=shapes, image_options=images)
+        if eval_data is not None
+        else None
+    )
     with err.status("compressing", spinner="dots") as status:
         result = api.compress(
-            loaded,
+            model,
             calibration,
             eval_data=held_out,
             input_shapes=shapes,
@@ -190,14 +296,13 @@ def compress(
             progress=lambda msg: status.update(msg),
         )
     written = result.save(output)
-    written_bytes = io.file_size(written)
-    payload = {"output": str(written), "written_bytes": written_bytes, **result.to_dict()}
+    payload = {"output": str(written), "written_bytes": result.after.bytes, **result.to_dict()}
     if report_path is not None:
         report_path.write_text(json.dumps(_json_safe(payload), indent=2, default=_json_default))
     if json_output:
         _emit_json(_json_safe(payload))
     else:
-        report.print_result(out, result, written_bytes)
+        report.print_result(out, result)
         out.print(f"wrote {written}")
 
 

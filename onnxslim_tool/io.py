@@ -99,13 +99,11 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 continue
             data_path = Path(tensor.base_dir) / tensor.location
             if not data_path.is_file():
-                raise ModelLoadError(
-                    f"external data file missing for tensor '{value.name}': {data_path} (expected beside {path.name})"
-                )
+                raise ModelLoadError(f"external data file missing for tensor '{value.name}': {data_path}")
             needed = (tensor.offset or 0) + (tensor.length or 0)
             if data_path.stat().st_size < needed:
                 raise ModelLoadError(
-                    f"external data file {data_path} is truncated: tensor '{value.name}' needs bytes up to {needed}"
+                    f"external data file {data_path} is truncated: '{value.name}' needs {needed} bytes"
                 )
 
 
@@ -142,11 +140,7 @@ def save(
     an interrupted run never leaves a half-written model under the final name.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OnnxSlimError(f"output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise OnnxSlimError(f"output directory is not writable: {parent}")
+    parent = check_writable(path)
     external = weight_bytes(model) > external_data_threshold
     data_name = path.name + ".data"
     with _staging_dir(parent) as staging:
@@ -170,6 +164,19 @@ def save(
             if stale.is_file() and not _referenced_by(path, data_name):
                 stale.unlink()
     return path
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """The folder `path` would be written into, after checking it exists and is writable."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OnnxSlimError(f"output path is a directory: {path}")
+    if not parent.is_dir():
+        raise OnnxSlimError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OnnxSlimError(f"output directory is not writable: {parent}")
+    return parent
 
 
 def _referenced_by(model_path: Path, data_name: str) -> bool:

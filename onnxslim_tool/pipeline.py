@@ -27,6 +27,7 @@ from onnxslim_tool.passes.base import CompressionPass, PassRecord
 # A lossless pass may move outputs by float reassociation only.
 LOSSLESS_REL_TOL = 1e-3
 LOSSLESS_MIN_COSINE = 0.9999
+EVAL_BATCH = 64
 
 
 @dataclass
@@ -102,7 +103,10 @@ class Result:
     eval_samples: int
 
     def save(self, path: str | Path) -> Path:
-        return io.save(self.model, path)
+        """Write the model atomically; `after.bytes` becomes the bytes really written."""
+        written = io.save(self.model, path)
+        self.after.bytes = io.file_size(written)
+        return written
 
     @property
     def max_output_difference(self) -> float:
@@ -199,8 +203,8 @@ class Pipeline:
 
     def evaluate(self, model: ir.Model) -> Evaluation:
         session = runtime.make_session(model)
-        outputs = runtime.run_feeds(session, self.eval_data.batches(64))
-        return Evaluation(outputs, metrics.task_accuracy(outputs, self.eval_data.labels))
+        outputs = runtime.run_feeds(session, self.eval_data.batches(EVAL_BATCH))
+        return Evaluation(outputs, metrics.task_accuracy(outputs, covered_labels(self.eval_data, EVAL_BATCH)))
 
     def _run_step(
         self, model: ir.Model, first: CompressionPass, reference: Evaluation, previous: Evaluation
@@ -235,25 +239,27 @@ class Pipeline:
                     ),
                 )
             problem, evaluation = self.validate(candidate, previous, lossless=candidate_pass.lossless)
-            if problem is None and evaluation is not None:
-                budget_problem = self._budget_problem(reference, evaluation)
-                if budget_problem is None:
-                    status = "applied" if candidate_pass is first else "backed off"
-                    outcome = StepOutcome(
-                        candidate_pass.name,
-                        status,
-                        record,
-                        "; ".join(attempts),
-                        fidelity=evaluation.fidelity_to(previous),
-                        accuracy=evaluation.accuracy,
-                        stats=ModelStats.of(candidate, self.input_shapes),
-                        seconds=time.perf_counter() - start,
-                        attempts=attempts,
-                    )
-                    return candidate, evaluation, outcome
-                problem = budget_problem
-            attempts.append(f"{candidate_pass!r}: {problem}")
-            last_reason = problem
+            if evaluation is None:
+                # A broken rewrite is a bug, not a matter of degree: no milder retry.
+                last_reason = problem or "validation failed"
+                break
+            budget_problem = self._budget_problem(reference, evaluation)
+            if budget_problem is None:
+                status = "applied" if candidate_pass is first else "backed off"
+                outcome = StepOutcome(
+                    candidate_pass.name,
+                    status,
+                    record,
+                    "; ".join(attempts),
+                    fidelity=evaluation.fidelity_to(previous),
+                    accuracy=evaluation.accuracy,
+                    stats=ModelStats.of(candidate, self.input_shapes),
+                    seconds=time.perf_counter() - start,
+                    attempts=attempts,
+                )
+                return candidate, evaluation, outcome
+            attempts.append(f"{candidate_pass!r}: {budget_problem}")
+            last_reason = budget_problem
             candidate_pass = candidate_pass.milder()
         return (
             model,
@@ -301,6 +307,14 @@ class Pipeline:
         if drop > self.max_drop + 1e-12:
             return f"{metric_name} dropped by {drop:.4f} (budget {self.max_drop:.4f})"
         return None
+
+
+def covered_labels(data: CalibrationData, batch_size: int) -> np.ndarray | None:
+    """Labels of the samples the batches cover (a fixed batch size > 1 drops a short tail)."""
+    if data.labels is None:
+        return None
+    slices = data.batch_slices(batch_size)
+    return data.labels[: slices[-1].stop] if slices else data.labels[:0]
 
 
 def metric_drop(reference: Evaluation, candidate: Evaluation) -> tuple[float, str]:

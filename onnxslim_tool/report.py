@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -90,15 +89,14 @@ def print_inspection(console: Console, summary: dict[str, Any], top: int | None)
     console.print(totals)
 
 
-def print_result(console: Console, result: Result, written_bytes: int | None = None) -> None:
+def print_result(console: Console, result: Result) -> None:
     """compress: before/after table, then what each pass did."""
     table = Table(title="Before / after")
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("ratio", "right")):
         table.add_column(col, justify=justify)
     b, a = result.before, result.after
-    after_bytes = written_bytes if written_bytes is not None else a.bytes
     table.add_row("params", f"{b.params:,}", f"{a.params:,}", ratio(a.params, b.params))
-    table.add_row("bytes", f"{b.bytes:,}", f"{after_bytes:,}", ratio(after_bytes, b.bytes))
+    table.add_row("bytes", f"{b.bytes:,}", f"{a.bytes:,}", ratio(a.bytes, b.bytes))
     table.add_row("MACs", f"{b.macs:,}", f"{a.macs:,}", ratio(a.macs, b.macs))
     table.add_row("nodes", f"{b.nodes:,}", f"{a.nodes:,}", ratio(a.nodes, b.nodes))
     if result.accuracy_before is not None and result.accuracy_after is not None:
@@ -172,12 +170,3 @@ def print_evaluation(console: Console, report: dict[str, Any]) -> None:
     data = report["data"]
     note = "SYNTHETIC random inputs" if data["synthetic"] else data["source"]
     console.print(f"measured on {note}, {data['samples']} samples")
-
-
-def table_rows(rows: Sequence[Sequence[str]], title: str, headers: Sequence[str]) -> Table:
-    table = Table(title=title)
-    for h in headers:
-        table.add_column(h)
-    for r in rows:
-        table.add_row(*r)
-    return table

@@ -1,0 +1,41 @@
+"""Fidelity numbers against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from onnxslim_tool import metrics
+
+
+def test_cosine_snr_and_errors_by_hand():
+    a = np.array([1.0, 0.0, 0.0], np.float32)
+    b = np.array([1.0, 1.0, 0.0], np.float32)
+    assert metrics.cosine(a, b) == pytest.approx(1 / math.sqrt(2))
+    assert metrics.snr_db(a, b) == pytest.approx(0.0)  # noise power equals signal power
+    assert metrics.snr_db(a, a) == math.inf
+    assert metrics.max_abs_error(a, b) == 1.0
+    assert metrics.cosine(np.zeros(3), np.zeros(3)) == 1.0
+
+
+def test_top1_agreement_and_accuracy():
+    ref = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], np.float32)
+    cand = np.array([[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]], np.float32)
+    assert metrics.top1_agreement(ref, cand) == pytest.approx(2 / 3)
+    assert metrics.accuracy(ref, np.array([1, 0, 0])) == pytest.approx(2 / 3)
+    assert metrics.task_accuracy({"scores": ref}, np.array([1, 0, 1])) == 1.0
+    assert metrics.task_accuracy({"scores": ref}, None) is None
+
+
+def test_compare_output_flags_nonfinite_and_shape_change():
+    ref = np.ones((2, 3), np.float32)
+    bad = ref.copy()
+    bad[0, 0] = np.nan
+    assert not metrics.compare_output("y", ref, bad).finite
+    with pytest.raises(ValueError, match="changed shape"):
+        metrics.compare_output("y", ref, np.ones((3, 2), np.float32))
+    fid = metrics.compare_output("y", ref, ref * 1.01)
+    assert fid.max_rel_error == pytest.approx(0.01, rel=1e-3)
+    assert fid.top1_agreement == 1.0
