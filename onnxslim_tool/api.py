@@ -37,7 +37,7 @@ def compress(
     the result. Lossless passes may run with no data at all: they are then validated on
     synthetic random inputs, and the result says so.
     """
-    loaded = io.load(model)
+    loaded = io.load(model, lift_constants=False)
     passes = list(passes) if passes is not None else [Cleanup()]
     calibration, evaluation = _split_data(loaded, data, eval_data, passes, input_shapes, seed)
     for p in passes:

@@ -153,7 +153,7 @@ def save(
             if has_external_tensors(model):
                 # Saving as-is would keep references to the *input's* data file.
                 load_to_model(model)
-            ir.save(model, staged)
+            onnx.save(to_compact_proto(model), str(staged))
         if external:
             os.replace(staging / data_name, parent / data_name)
         os.replace(staged, path)
@@ -197,6 +197,27 @@ def _staging_dir(parent: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def to_compact_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto without value_info for initializers (the tensor has its type)."""
+    proto = ir.to_proto(model)
+    _drop_initializer_value_info(proto.graph)
+    return proto
+
+
+def _drop_initializer_value_info(graph: onnx.GraphProto) -> None:
+    names = {t.name for t in graph.initializer}
+    kept = [vi for vi in graph.value_info if vi.name not in names]
+    if len(kept) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _drop_initializer_value_info(attribute.g)
+            for sub in attribute.graphs:
+                _drop_initializer_value_info(sub)
+
+
 def serialized_size(model: ir.Model) -> int:
     """Bytes the model would take on disk (graph + weights), without writing it."""
     if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or has_external_tensors(model):
@@ -204,7 +225,7 @@ def serialized_size(model: ir.Model) -> int:
         for t in proto_without_weights.graph.initializer:
             t.ClearField("raw_data")
         return proto_without_weights.ByteSize() + weight_bytes(model)
-    return ir.to_proto(model).ByteSize()
+    return to_compact_proto(model).ByteSize()
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -176,8 +176,10 @@ class Pipeline:
         self.progress = progress or (lambda _msg: None)
 
     def run(self, model: ir.Model) -> Result:
-        original = io.load(model, lift_constants=False)  # the caller's model is never mutated
-        working = io.load(model, lift_constants=False)
+        # Copies: the caller's model is never mutated. "Before" numbers describe the model as
+        # given; passes work on a copy whose Constant-node weights are initializers.
+        original = io.load(model, lift_constants=False)
+        working = io.load(model, lift_constants=True)
         self.progress("measuring the original model")
         before_stats = ModelStats.of(original, self.input_shapes)
         reference = self.evaluate(original)

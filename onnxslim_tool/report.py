@@ -141,8 +141,8 @@ def print_evaluation(console: Console, report: dict[str, Any]) -> None:
             "-" if agree is None else f"{agree:.4f}",
         )
     console.print(table)
-    summary = Table(title="Summary", show_header=False)
-    summary.add_column("what")
+    summary = Table(title="Summary")
+    summary.add_column("")
     summary.add_column("reference", justify="right")
     summary.add_column("candidate", justify="right")
     summary.add_column("ratio", justify="right")

@@ -110,6 +110,7 @@ def test_save_failure_keeps_previous_file(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ir, "save", boom)
+    monkeypatch.setattr(onnx, "save", boom)
     with pytest.raises(KeyboardInterrupt):
         io.save(io.load(_conv_model()), target)
     assert target.read_bytes() == b"previous"
