@@ -16,6 +16,7 @@ from onnxslim_tool import __version__, api, io, report
 from onnxslim_tool.cost import analyze_cost
 from onnxslim_tool.data import ImageOptions, load_data
 from onnxslim_tool.errors import BudgetError, OnnxSlimError
+from onnxslim_tool.recipe import Recipe, recipe_from_flags
 
 app = typer.Typer(
     name="onnxslim-tool",
@@ -182,10 +183,17 @@ def inspect(
     model: Annotated[Path, typer.Argument(help="The .onnx file to describe.")],
     input_shape: InputShapeOpt = None,
     top: Annotated[int | None, typer.Option(help="Show only the N layers with the most MACs.")] = None,
+    groups: Annotated[
+        bool,
+        typer.Option("--groups", help="List the channel dependency groups structured pruning would use."),
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Inputs/outputs, operator histogram, and per-layer params and MACs with totals."""
     loaded = io.load(model, lift_constants=False)
+    if groups:
+        _inspect_groups(model, json_output)
+        return
     cost = analyze_cost(loaded, parse_input_shapes(input_shape))
     summary = cost.to_dict()
     summary = {
@@ -199,6 +207,16 @@ def inspect(
         _emit_json(_json_safe(summary))
     else:
         report.print_inspection(out, summary, top)
+
+
+def _inspect_groups(model: Path, json_output: bool) -> None:
+    from onnxslim_tool.pruning.depgraph import describe_groups, find_groups
+
+    rows = describe_groups(find_groups(io.load(model)))
+    if json_output:
+        _emit_json(_json_safe({"model": str(model), "groups": rows}))
+    else:
+        report.print_groups(out, rows)
 
 
 @app.command()
@@ -240,6 +258,13 @@ def evaluate(
         report.print_evaluation(out, result)
 
 
+_PRUNE = "Structured pruning (whole channels/filters/neurons)"
+_LOWRANK = "Low-rank factorization"
+_SHARE = "Weight sharing and magnitude pruning"
+_QUANT = "Quantization"
+_BUDGET = "Accuracy budget and scope"
+
+
 @app.command()
 def compress(
     model: Annotated[Path, typer.Argument(help="The .onnx model to compress (never modified).")],
@@ -250,6 +275,116 @@ def compress(
         typer.Option("--eval-data", help="Held-out data to judge accuracy (else --data is split)."),
     ] = None,
     synthetic: SyntheticOpt = False,
+    recipe_file: Annotated[
+        Path | None, typer.Option("--recipe", help="YAML/JSON recipe listing passes and parameters.")
+    ] = None,
+    prune_channels: Annotated[
+        float | None,
+        typer.Option(
+            "--prune-channels",
+            help="Fraction of channels to remove per prunable group, e.g. 0.3.",
+            rich_help_panel=_PRUNE,
+        ),
+    ] = None,
+    target_macs: Annotated[
+        float | None,
+        typer.Option(
+            "--target-macs",
+            help="Prune until MACs are at most this fraction of the original.",
+            rich_help_panel=_PRUNE,
+        ),
+    ] = None,
+    criterion: Annotated[
+        str | None,
+        typer.Option(
+            help="Channel importance: l1, l2, bn_gamma, apoz, energy, thinet, dpp, random.",
+            rich_help_panel=_PRUNE,
+        ),
+    ] = None,
+    no_reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--no-reconstruct",
+            help="Skip the least-squares refit of the next layers.",
+            rich_help_panel=_PRUNE,
+        ),
+    ] = False,
+    round_to: Annotated[
+        int | None,
+        typer.Option(
+            "--round-to", help="Keep channel counts a multiple of N (8 runs fastest).", rich_help_panel=_PRUNE
+        ),
+    ] = None,
+    lowrank: Annotated[
+        float | None,
+        typer.Option(
+            "--lowrank", help="Fraction of each layer's params to keep, e.g. 0.5.", rich_help_panel=_LOWRANK
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy",
+            help="Keep this fraction of squared singular values instead.",
+            rich_help_panel=_LOWRANK,
+        ),
+    ] = None,
+    lowrank_method: Annotated[
+        str | None,
+        typer.Option(
+            "--lowrank-method", help="svd, spatial-svd, cp or tucker (for convs).", rich_help_panel=_LOWRANK
+        ),
+    ] = None,
+    prune_weights: Annotated[
+        float | None,
+        typer.Option(
+            "--prune-weights", help="Target sparsity of individual weights, e.g. 0.8.", rich_help_panel=_SHARE
+        ),
+    ] = None,
+    share_bits: Annotated[
+        int | None,
+        typer.Option(
+            "--share-bits", help="Codebook of 2^B shared values per layer (1-8).", rich_help_panel=_SHARE
+        ),
+    ] = None,
+    share_method: Annotated[
+        str | None, typer.Option("--share-method", help="kmeans (default) or hash.", rich_help_panel=_SHARE)
+    ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8 (static QDQ), int8-dynamic, int8-weights or int4-weights.", rich_help_panel=_QUANT
+        ),
+    ] = None,
+    calibrator: Annotated[
+        str | None,
+        typer.Option(help="Static int8 ranges: minmax, entropy or percentile.", rich_help_panel=_QUANT),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-drop",
+            help="Largest allowed metric drop, as a fraction (0.01 = 1 point); passes "
+            "that break it are backed off or rolled back.",
+            rich_help_panel=_BUDGET,
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            help="Node name or op type glob to leave untouched (repeatable).",
+            rich_help_panel=_BUDGET,
+        ),
+    ] = None,
+    keep_best: Annotated[
+        bool,
+        typer.Option(
+            "--keep-best",
+            help="Write the best model found even when the budget is missed.",
+            rich_help_panel=_BUDGET,
+        ),
+    ] = False,
     input_shape: InputShapeOpt = None,
     report_path: Annotated[
         Path | None, typer.Option("--report", help="Also write the JSON report here.")
@@ -268,11 +403,39 @@ def compress(
     """Rewrite MODEL into a smaller/faster model at OUT, validated pass by pass.
 
     With no method flag it runs the lossless cleanup: constant folding, BatchNorm folding,
-    Identity/Dropout removal, dead code and duplicate weights removal.
+    Identity/Dropout removal, dead code and duplicate weights removal. Method flags combine
+    (e.g. --prune-channels 0.3 --quantize int8); lossy methods need --data (or --synthetic).
+
+    Exit codes: 0 written; 1 bad input or refusal (one line on stderr); 2 the accuracy budget
+    could not be met (nothing written unless --keep-best).
     """
     if io.same_file(model, output) or model.resolve() == output.resolve():
         raise OnnxSlimError(f"output path is the input path: {output} (the input is never overwritten)")
     io.check_writable(output)  # fail before the work, not after it
+    if recipe_file is not None:
+        chosen = Recipe.from_file(recipe_file)
+        if max_drop is not None:
+            chosen.max_drop = max_drop
+    else:
+        chosen = recipe_from_flags(
+            prune_channels=prune_channels,
+            target_macs=target_macs,
+            criterion=criterion,
+            reconstruct=not no_reconstruct,
+            round_to=round_to,
+            prune_weights=prune_weights,
+            lowrank=lowrank,
+            energy=energy,
+            lowrank_method=lowrank_method,
+            share_bits=share_bits,
+            share_method=share_method,
+            quantize=quantize,
+            calibrator=calibrator,
+            max_drop=max_drop,
+            exclude=exclude,
+            seed=seed,
+        )
+    passes = chosen.build()
     loaded = io.load(model)
     shapes = parse_input_shapes(input_shape)
     images = image_options(image_size, mean, std, scale, layout, color)
@@ -290,20 +453,35 @@ def compress(
         result = api.compress(
             model,
             calibration,
+            passes=passes,
             eval_data=held_out,
+            max_drop=chosen.max_drop,
             input_shapes=shapes,
-            seed=seed,
+            seed=chosen.seed,
             progress=lambda msg: status.update(msg),
         )
-    written = result.save(output)
-    payload = {"output": str(written), "written_bytes": result.after.bytes, **result.to_dict()}
+    missed = result.over_budget
+    written = result.save(output) if (not missed or keep_best) else None
+    payload = {
+        "output": str(written) if written else None,
+        "written_bytes": result.after.bytes if written else None,
+        "recipe": chosen.to_dict(),
+        **result.to_dict(),
+    }
     if report_path is not None:
         report_path.write_text(json.dumps(_json_safe(payload), indent=2, default=_json_default))
     if json_output:
         _emit_json(_json_safe(payload))
     else:
         report.print_result(out, result)
-        out.print(f"wrote {written}")
+        if written:
+            out.print(f"wrote {written}")
+    if missed:
+        names = ", ".join(s.name for s in missed)
+        raise BudgetError(
+            f"accuracy budget {chosen.max_drop} not met by: {names}"
+            + ("" if written else " (nothing written; --keep-best writes the best model found)")
+        )
 
 
 @app.callback(invoke_without_command=True)

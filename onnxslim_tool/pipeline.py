@@ -72,6 +72,8 @@ class StepOutcome:
     stats: ModelStats | None = None
     seconds: float = 0.0
     attempts: list[str] = field(default_factory=list)
+    # Rolled back because no version of the pass fit the accuracy budget.
+    over_budget: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class StepOutcome:
             "stats": self.stats.to_dict() if self.stats else None,
             "seconds": round(self.seconds, 3),
             "attempts": self.attempts,
+            "over_budget": self.over_budget,
         }
 
 
@@ -132,6 +135,11 @@ class Result:
             },
             "steps": [s.to_dict() for s in self.steps],
         }
+
+    @property
+    def over_budget(self) -> list[StepOutcome]:
+        """Steps the accuracy budget forced back: the requested compression was not reached."""
+        return [s for s in self.steps if s.over_budget]
 
     def summary(self) -> str:
         lines = [
@@ -215,6 +223,7 @@ class Pipeline:
         attempts: list[str] = []
         candidate_pass: CompressionPass | None = first
         last_reason = ""
+        over_budget = False  # True while the latest failure is the budget, not a broken rewrite
         last_record = PassRecord(first.name, first.params())
         while candidate_pass is not None:
             candidate = io.load(model, lift_constants=False)
@@ -222,10 +231,10 @@ class Pipeline:
                 result = candidate_pass(candidate)
                 record = getattr(result, "record", None) or PassRecord(candidate_pass.name)
             except OnnxSlimError as exc:
-                last_reason = f"pass refused: {exc}"
+                last_reason, over_budget = f"pass refused: {exc}", False
                 break
             except Exception as exc:  # a bug in a pass must never reach the user's model
-                last_reason = f"pass failed: {type(exc).__name__}: {str(exc)[:200]}"
+                last_reason, over_budget = f"pass failed: {type(exc).__name__}: {str(exc)[:200]}", False
                 break
             last_record = record
             if not record.modified:
@@ -243,7 +252,7 @@ class Pipeline:
             problem, evaluation = self.validate(candidate, previous, lossless=candidate_pass.lossless)
             if evaluation is None:
                 # A broken rewrite is a bug, not a matter of degree: no milder retry.
-                last_reason = problem or "validation failed"
+                last_reason, over_budget = problem or "validation failed", False
                 break
             budget_problem = self._budget_problem(reference, evaluation)
             if budget_problem is None:
@@ -261,7 +270,7 @@ class Pipeline:
                 )
                 return candidate, evaluation, outcome
             attempts.append(f"{candidate_pass!r}: {budget_problem}")
-            last_reason = budget_problem
+            last_reason, over_budget = budget_problem, True
             candidate_pass = candidate_pass.milder()
         return (
             model,
@@ -273,6 +282,7 @@ class Pipeline:
                 last_reason,
                 seconds=time.perf_counter() - start,
                 attempts=attempts,
+                over_budget=over_budget,
             ),
         )
 

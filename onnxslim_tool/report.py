@@ -170,3 +170,35 @@ def print_evaluation(console: Console, report: dict[str, Any]) -> None:
     data = report["data"]
     note = "SYNTHETIC random inputs" if data["synthetic"] else data["source"]
     console.print(f"measured on {note}, {data['samples']} samples")
+
+
+def print_groups(console: Console, rows: list[dict[str, Any]]) -> None:
+    """inspect --groups: every channel dependency group, prunable or with its reason."""
+    table = Table(title="Channel dependency groups")
+    for col, justify in (
+        ("id", "right"),
+        ("channels", "right"),
+        ("prunable", "left"),
+        ("producers", "left"),
+        ("consumers", "left"),
+        ("reason", "left"),
+    ):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            str(r["size"]),
+            "yes" if r["prunable"] else "no",
+            _names(r.get("producers")),
+            _names(r.get("consumers")),
+            r.get("reason") or "",
+        )
+    console.print(table)
+    prunable = sum(1 for r in rows if r["prunable"])
+    console.print(f"{len(rows)} groups, {prunable} prunable, {len(rows) - prunable} refused")
+
+
+def _names(names: list[str] | None, limit: int = 3) -> str:
+    names = names or []
+    shown = ", ".join(names[:limit])
+    return shown + (f" +{len(names) - limit}" if len(names) > limit else "")

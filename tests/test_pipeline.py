@@ -148,6 +148,7 @@ def test_budget_rolls_back_when_no_milder_pass_fits():
     _, result = _run([NoMilder(4.0)], max_drop=0.0)
     assert result.steps[0].status == "rolled back"
     assert "budget" in result.steps[0].reason
+    assert result.over_budget == [result.steps[0]]
     assert result.accuracy_after == result.accuracy_before
 
 

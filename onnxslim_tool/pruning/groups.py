@@ -83,4 +83,6 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
-        return cls(keep={int(k): list(v) for k, v in data["keep"].items()}, criterion=data.get("criterion", ""))
+        return cls(
+            keep={int(k): list(v) for k, v in data["keep"].items()}, criterion=data.get("criterion", "")
+        )

@@ -1,0 +1,194 @@
+"""Recipes: which passes run, in which order, with which parameters.
+
+A recipe is plain data (YAML/JSON/dict), validated against the pass constructors so a
+typo gets an error naming the bad key and the allowed ones. The CLI's method flags build
+the same object, so a flag run and a recipe run are one code path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxslim_tool.errors import OnnxSlimError
+from onnxslim_tool.passes import available, pass_class
+from onnxslim_tool.passes.base import CompressionPass
+
+
+class RecipeError(OnnxSlimError):
+    """A recipe names an unknown pass or parameter, or a value of the wrong kind."""
+
+
+@dataclass
+class Step:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.name, **self.params}
+
+
+@dataclass
+class Recipe:
+    steps: list[Step]
+    max_drop: float | None = None
+    seed: int = 0
+    name: str = "custom"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], name: str = "custom") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe is a mapping with a 'passes' list")
+        unknown = set(data) - {"passes", "max_drop", "seed", "name"}
+        if unknown:
+            raise RecipeError(
+                f"unknown recipe key '{sorted(unknown)[0]}'; allowed: passes, max_drop, seed, name"
+            )
+        raw_steps = data.get("passes")
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise RecipeError("recipe needs a non-empty 'passes' list")
+        steps = []
+        for i, raw in enumerate(raw_steps):
+            if isinstance(raw, str):
+                raw = {"pass": raw}
+            if not isinstance(raw, dict) or "pass" not in raw:
+                raise RecipeError(f"passes[{i}] must be a pass name or a mapping with a 'pass' key")
+            params = {k: v for k, v in raw.items() if k != "pass"}
+            steps.append(Step(str(raw["pass"]), params))
+        recipe = cls(steps, data.get("max_drop"), int(data.get("seed", 0)), str(data.get("name", name)))
+        recipe.validate()
+        return recipe
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:
+            raise RecipeError(f"cannot parse recipe {path}: {' '.join(str(exc).split())[:200]}") from exc
+        return cls.from_dict(data, name=path.stem)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "max_drop": self.max_drop,
+            "passes": [s.to_dict() for s in self.steps],
+        }
+
+    def validate(self) -> None:
+        for step in self.steps:
+            allowed = _constructor_params(step.name)
+            for key in step.params:
+                if key not in allowed:
+                    raise RecipeError(
+                        f"pass '{step.name}' has no parameter '{key}'; allowed: {', '.join(sorted(allowed))}"
+                    )
+
+    def build(self) -> list[CompressionPass]:
+        """Construct the passes; a constructor's own refusal keeps its one-line message."""
+        passes = []
+        for step in self.steps:
+            cls = pass_class(step.name)
+            params = dict(step.params)
+            if "seed" in _constructor_params(step.name):
+                params.setdefault("seed", self.seed)
+            try:
+                passes.append(cls(**params))
+            except OnnxSlimError:
+                raise
+            except (TypeError, ValueError) as exc:
+                raise RecipeError(f"pass '{step.name}': {exc}") from exc
+        return passes
+
+
+def _constructor_params(name: str) -> set[str]:
+    try:
+        cls = pass_class(name)
+    except KeyError:
+        raise RecipeError(f"unknown pass '{name}'; available: {', '.join(available())}") from None
+    except ImportError as exc:
+        raise RecipeError(f"pass '{name}' is not available in this installation: {exc}") from exc
+    params: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.add(p.name)
+    return params
+
+
+def recipe_from_flags(
+    *,
+    prune_channels: float | None = None,
+    target_macs: float | None = None,
+    criterion: str | None = None,
+    reconstruct: bool = True,
+    round_to: int | None = None,
+    prune_weights: float | None = None,
+    lowrank: float | None = None,
+    energy: float | None = None,
+    lowrank_method: str | None = None,
+    share_bits: int | None = None,
+    share_method: str | None = None,
+    quantize: str | None = None,
+    calibrator: str | None = None,
+    max_drop: float | None = None,
+    exclude: list[str] | None = None,
+    seed: int = 0,
+) -> Recipe:
+    """The recipe the CLI's method flags describe, in the order that composes best.
+
+    Channel pruning runs before BatchNorm folding (bn_gamma reads the BN scales; slicing a
+    BN is as easy as slicing a bias), low-rank after it (the folded weights are the ones
+    to factorize), then weight pruning, sharing, and quantization last.
+    """
+    common: dict[str, Any] = {"exclude": list(exclude)} if exclude else {}
+    steps: list[Step] = []
+    pruning_channels = prune_channels is not None or target_macs is not None
+    steps.append(Step("cleanup", {"fold_batchnorm": not pruning_channels, **common}))
+    if pruning_channels:
+        params: dict[str, Any] = {"reconstruct": reconstruct, **common}
+        if prune_channels is not None:
+            params["ratio"] = prune_channels
+        if target_macs is not None:
+            params["target_macs"] = target_macs
+        if criterion:
+            params["criterion"] = criterion
+        if round_to:
+            params["round_to"] = round_to
+        steps += [Step("channel-pruning", params), Step("cleanup", dict(common))]
+    if lowrank is not None or energy is not None:
+        params = {"ratio": lowrank, "energy": energy, **common}
+        if lowrank_method:
+            params["method"] = lowrank_method
+        steps.append(Step("lowrank", params))
+    if prune_weights is not None:
+        steps.append(Step("weight-pruning", {"sparsity": prune_weights, **common}))
+    if share_bits is not None:
+        params = {"bits": share_bits, **common}
+        if share_method:
+            params["method"] = share_method
+        steps.append(Step("weight-sharing", params))
+    if quantize is not None:
+        params = {"mode": quantize, **common}
+        if calibrator:
+            params["calibrator"] = calibrator
+        if max_drop is not None:
+            params["max_drop"] = max_drop
+        steps.append(Step("quantize", params))
+    recipe = Recipe(steps, max_drop=max_drop, seed=seed, name="flags")
+    return recipe

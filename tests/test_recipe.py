@@ -1,0 +1,71 @@
+"""Recipes: validation names the bad key; flags and files build the same passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onnxslim_tool.passes.normalize import Cleanup
+from onnxslim_tool.recipe import Recipe, RecipeError, recipe_from_flags
+
+
+def test_recipe_from_dict_builds_passes_with_params():
+    recipe = Recipe.from_dict(
+        {"passes": ["cleanup", {"pass": "cleanup", "fold_batchnorm": False}], "seed": 3}
+    )
+    built = recipe.build()
+    assert [type(p) for p in built] == [Cleanup, Cleanup]
+    assert built[1].fold_batchnorm is False
+    assert recipe.seed == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"passes": [{"pass": "cleanup", "fold_bn": True}]}, "no parameter 'fold_bn'; allowed:"),
+        ({"passes": ["no-such-pass"]}, "unknown pass 'no-such-pass'; available: cleanup"),
+        ({"passes": []}, "non-empty 'passes'"),
+        ({"passes": ["cleanup"], "budget": 1}, "unknown recipe key 'budget'"),
+        ({"passes": [{"fold_batchnorm": True}]}, "'pass' key"),
+    ],
+)
+def test_bad_recipes_name_the_problem(data, fragment):
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_dict(data)
+    assert fragment in str(info.value)
+
+
+def test_recipe_files_yaml_and_json(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "passes:\n  - pass: cleanup\n    fold_constants: false\nmax_drop: 0.01\n"
+    )
+    (tmp_path / "r.json").write_text(json.dumps({"passes": ["cleanup"]}))
+    yaml_recipe = Recipe.from_file(tmp_path / "r.yaml")
+    assert yaml_recipe.max_drop == 0.01 and yaml_recipe.name == "r"
+    assert yaml_recipe.build()[0].fold_constants is False
+    assert Recipe.from_file(tmp_path / "r.json").steps[0].name == "cleanup"
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(RecipeError, match="cannot parse recipe"):
+        Recipe.from_file(tmp_path / "bad.json")
+    with pytest.raises(RecipeError, match="not found"):
+        Recipe.from_file(tmp_path / "missing.yaml")
+
+
+def test_flags_order_passes_so_they_compose():
+    recipe = recipe_from_flags(
+        prune_channels=0.3, lowrank=0.5, prune_weights=0.5, share_bits=4, quantize="int8", exclude=["head*"]
+    )
+    names = [s.name for s in recipe.steps]
+    assert names == [
+        "cleanup",
+        "channel-pruning",
+        "cleanup",
+        "lowrank",
+        "weight-pruning",
+        "weight-sharing",
+        "quantize",
+    ]
+    assert recipe.steps[0].params["fold_batchnorm"] is False  # bn_gamma needs the BatchNorms
+    assert all(s.params["exclude"] == ["head*"] for s in recipe.steps)
+    assert [s.name for s in recipe_from_flags().steps] == ["cleanup"]
