@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -10,10 +11,11 @@ import onnx_ir as ir
 
 from onnxslim_tool import __version__, io, metrics, runtime
 from onnxslim_tool.data import CalibrationData
-from onnxslim_tool.errors import DataError
+from onnxslim_tool.errors import DataError, OnnxSlimError
 from onnxslim_tool.passes.base import CompressionPass
 from onnxslim_tool.passes.normalize import Cleanup
 from onnxslim_tool.pipeline import EVAL_BATCH, Pipeline, ProgressFn, Result, covered_labels
+from onnxslim_tool.recipe import Recipe, Step, resolve
 
 # Held-out share when one data set must serve both calibration and evaluation.
 DEFAULT_HOLDOUT = 0.5
@@ -24,6 +26,7 @@ def compress(
     data: CalibrationData | None = None,
     *,
     passes: Sequence[CompressionPass] | None = None,
+    recipe: Recipe | str | None = None,
     eval_data: CalibrationData | None = None,
     max_drop: float | None = None,
     input_shapes: dict[str, Sequence[int]] | None = None,
@@ -32,11 +35,25 @@ def compress(
 ) -> Result:
     """Run `passes` (default: lossless cleanup) on `model`, validated and gated pass by pass.
 
+    Give either `passes` or a `recipe` (a Recipe, a built-in name or a recipe file); a
+    recipe brings its own budget and seed unless `max_drop`/`seed` are given here.
+
     `data` feeds the passes that fit to activations. Accuracy is measured on `eval_data`;
     without it, `data` is split (seeded) so that no calibration sample is ever used to judge
     the result. Lossless passes may run with no data at all: they are then validated on
     synthetic random inputs, and the result says so.
     """
+    if recipe is not None:
+        if passes is not None:
+            raise OnnxSlimError("give either passes or a recipe, not both")
+        recipe = resolve(recipe) if isinstance(recipe, str) else recipe
+        if seed:
+            recipe.seed = seed
+        max_drop = recipe.max_drop if max_drop is None else max_drop
+        passes = recipe.build()
+    else:
+        recipe = Recipe([Step(p.name, p.params()) for p in passes or [Cleanup()]], max_drop, seed)
+    seed = recipe.seed
     loaded = io.load(model, lift_constants=False)
     passes = list(passes) if passes is not None else [Cleanup()]
     calibration, evaluation = _split_data(loaded, data, eval_data, passes, input_shapes, seed)
@@ -45,10 +62,20 @@ def compress(
     result = Pipeline(
         passes, evaluation, max_drop=max_drop, input_shapes=input_shapes, progress=progress
     ).run(loaded)
-    result.model.metadata_props["onnxslim_tool.version"] = __version__
+    _record_provenance(result.model, recipe, model)
     if isinstance(model, (str, os.PathLike)):
         result.before.bytes = io.file_size(model)  # what is on disk, not a re-serialization
     return result
+
+
+def _record_provenance(model: ir.Model, recipe: Recipe, source) -> None:
+    """Enough in the output's metadata to reproduce it: recipe, seed, tool version, input hash."""
+    props = model.metadata_props
+    props["onnxslim_tool.version"] = __version__
+    props["onnxslim_tool.recipe"] = json.dumps(recipe.to_dict(), sort_keys=True, default=str)
+    props["onnxslim_tool.seed"] = str(recipe.seed)
+    if isinstance(source, (str, os.PathLike)):
+        props["onnxslim_tool.input_sha256"] = io.file_sha256(source)
 
 
 def _split_data(

@@ -16,7 +16,7 @@ from onnxslim_tool import __version__, api, io, report
 from onnxslim_tool.cost import analyze_cost
 from onnxslim_tool.data import ImageOptions, load_data
 from onnxslim_tool.errors import BudgetError, OnnxSlimError
-from onnxslim_tool.recipe import Recipe, recipe_from_flags
+from onnxslim_tool.recipe import BUILTIN, DEFAULT_WITH_DATA, recipe_from_flags, resolve
 
 app = typer.Typer(
     name="onnxslim-tool",
@@ -275,8 +275,9 @@ def compress(
         typer.Option("--eval-data", help="Held-out data to judge accuracy (else --data is split)."),
     ] = None,
     synthetic: SyntheticOpt = False,
-    recipe_file: Annotated[
-        Path | None, typer.Option("--recipe", help="YAML/JSON recipe listing passes and parameters.")
+    recipe_name: Annotated[
+        str | None,
+        typer.Option("--recipe", help="A built-in recipe (see `onnxslim-tool recipes`) or a YAML/JSON file."),
     ] = None,
     prune_channels: Annotated[
         float | None,
@@ -412,8 +413,15 @@ def compress(
     if io.same_file(model, output) or model.resolve() == output.resolve():
         raise OnnxSlimError(f"output path is the input path: {output} (the input is never overwritten)")
     io.check_writable(output)  # fail before the work, not after it
-    if recipe_file is not None:
-        chosen = Recipe.from_file(recipe_file)
+    method_flags = (prune_channels, target_macs, lowrank, energy, prune_weights, share_bits, quantize)
+    if recipe_name is None and data is not None and all(f is None for f in method_flags):
+        recipe_name = DEFAULT_WITH_DATA
+        err.print(
+            f"no method flag given: using the '{recipe_name}' recipe ({BUILTIN[recipe_name]['description']})"
+        )
+    if recipe_name is not None:
+        chosen = resolve(recipe_name)
+        chosen.seed = seed
         if max_drop is not None:
             chosen.max_drop = max_drop
     else:
@@ -435,7 +443,7 @@ def compress(
             exclude=exclude,
             seed=seed,
         )
-    passes = chosen.build()
+    chosen.build()  # a bad parameter fails here, before any data is read
     loaded = io.load(model)
     shapes = parse_input_shapes(input_shape)
     images = image_options(image_size, mean, std, scale, layout, color)
@@ -453,11 +461,9 @@ def compress(
         result = api.compress(
             model,
             calibration,
-            passes=passes,
+            recipe=chosen,
             eval_data=held_out,
-            max_drop=chosen.max_drop,
             input_shapes=shapes,
-            seed=chosen.seed,
             progress=lambda msg: status.update(msg),
         )
     missed = result.over_budget
@@ -482,6 +488,15 @@ def compress(
             f"accuracy budget {chosen.max_drop} not met by: {names}"
             + ("" if written else " (nothing written; --keep-best writes the best model found)")
         )
+
+
+@app.command()
+def recipes(json_output: JsonOpt = False) -> None:
+    """List the built-in recipes (use one with `compress --recipe NAME`)."""
+    if json_output:
+        _emit_json(BUILTIN)
+        return
+    report.print_recipes(out, BUILTIN)
 
 
 @app.callback(invoke_without_command=True)

@@ -192,3 +192,63 @@ def recipe_from_flags(
         steps.append(Step("quantize", params))
     recipe = Recipe(steps, max_drop=max_drop, seed=seed, name="flags")
     return recipe
+
+
+# Built-in recipes: starting points that compose the passes sensibly. Each runs under a
+# 1-point budget by default; the gate backs off whatever breaks it.
+BUILTIN: dict[str, dict[str, Any]] = {
+    "lossless": {
+        "description": "cleanup only: folding, dead code, duplicate weights; outputs unchanged",
+        "passes": ["cleanup"],
+    },
+    "safe": {
+        "description": "default with data: light structured pruning with refit, then int8 weights "
+        "(4x smaller weights, float compute); 1-point budget",
+        "max_drop": 0.01,
+        "passes": [
+            {"pass": "cleanup", "fold_batchnorm": False},
+            {"pass": "channel-pruning", "ratio": 0.2, "criterion": "thinet"},
+            "cleanup",
+            {"pass": "quantize", "mode": "int8-weights"},
+        ],
+    },
+    "fast": {
+        "description": "speed: structured pruning with refit (channels rounded to 8), then static int8; "
+        "1-point budget",
+        "max_drop": 0.01,
+        "passes": [
+            {"pass": "cleanup", "fold_batchnorm": False},
+            {"pass": "channel-pruning", "ratio": 0.3, "criterion": "thinet", "round_to": 8},
+            "cleanup",
+            {"pass": "quantize", "mode": "int8"},
+        ],
+    },
+    "small": {
+        "description": "size: structured pruning, magnitude pruning and 4-bit k-means sharing; "
+        "1-point budget",
+        "max_drop": 0.01,
+        "passes": [
+            {"pass": "cleanup", "fold_batchnorm": False},
+            {"pass": "channel-pruning", "ratio": 0.3, "criterion": "thinet"},
+            "cleanup",
+            {"pass": "weight-pruning", "sparsity": 0.5},
+            {"pass": "weight-sharing", "bits": 4},
+        ],
+    },
+}
+DEFAULT_WITH_DATA = "safe"
+
+
+def builtin(name: str) -> Recipe:
+    if name not in BUILTIN:
+        raise RecipeError(f"unknown built-in recipe '{name}'; built-in: {', '.join(BUILTIN)}")
+    data = {k: v for k, v in BUILTIN[name].items() if k != "description"}
+    return Recipe.from_dict(data, name=name)
+
+
+def resolve(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, else a YAML/JSON recipe file."""
+    text = str(name_or_path)
+    if text in BUILTIN:
+        return builtin(text)
+    return Recipe.from_file(name_or_path)

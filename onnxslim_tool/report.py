@@ -202,3 +202,16 @@ def _names(names: list[str] | None, limit: int = 3) -> str:
     names = names or []
     shown = ", ".join(names[:limit])
     return shown + (f" +{len(names) - limit}" if len(names) > limit else "")
+
+
+def print_recipes(console: Console, recipes: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="Built-in recipes (compress --recipe NAME)")
+    for col in ("name", "what it does", "passes", "budget"):
+        table.add_column(col)
+    for name, recipe in recipes.items():
+        steps = [p if isinstance(p, str) else p["pass"] for p in recipe["passes"]]
+        budget = recipe.get("max_drop")
+        table.add_row(
+            name, recipe["description"], " -> ".join(steps), "-" if budget is None else f"{budget:g}"
+        )
+    console.print(table)

@@ -81,7 +81,17 @@ def test_compress_cleanup_writes_validated_model(monkeypatch, capsys, tmp_path):
     out_path = tmp_path / "clean.onnx"
     before = _sha(CNN)
     code, out, err = run_cli(
-        monkeypatch, capsys, "compress", CNN, "-o", out_path, "--data", CNN_EVAL, "--json"
+        monkeypatch,
+        capsys,
+        "compress",
+        CNN,
+        "-o",
+        out_path,
+        "--data",
+        CNN_EVAL,
+        "--recipe",
+        "lossless",
+        "--json",
     )
     assert code == 0, err
     report = json.loads(out)
@@ -91,8 +101,18 @@ def test_compress_cleanup_writes_validated_model(monkeypatch, capsys, tmp_path):
     assert report["after"]["nodes"] < report["before"]["nodes"]  # BatchNorms folded
     assert report["accuracy_after"] == report["accuracy_before"]
     assert report["steps"][0]["status"] == "applied"
-    ops = {n.op_type for n in onnx.load(str(out_path)).graph.node}
-    assert "BatchNormalization" not in ops
+    written = onnx.load(str(out_path))
+    assert "BatchNormalization" not in {n.op_type for n in written.graph.node}
+    provenance = {p.key: p.value for p in written.metadata_props}
+    assert json.loads(provenance["onnxslim_tool.recipe"])["name"] == "lossless"
+    assert provenance["onnxslim_tool.input_sha256"] == before
+    assert provenance["onnxslim_tool.seed"] == "0"
+
+
+def test_recipes_command_lists_builtins(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "recipes", "--json")
+    assert code == 0
+    assert {"lossless", "safe", "fast", "small"} <= set(json.loads(out))
 
 
 def test_compress_light_model_with_synthetic_data_matches(monkeypatch, capsys, tmp_path):
@@ -119,7 +139,16 @@ def test_refusals_are_one_line_with_exit_1(monkeypatch, capsys, tmp_path):
         (("compress", CNN, "-o", tmp_path / "missing_dir" / "x.onnx", "--data", CNN_EVAL), "does not exist"),
         (("inspect", CNN, "--input-shape", "bogus=1x2"), "bogus"),
         (
-            ("compress", CNN, "-o", tmp_path / "o.onnx", "--data", SAMPLES / "digits_mlp_eval.npz"),
+            (
+                "compress",
+                CNN,
+                "-o",
+                tmp_path / "o.onnx",
+                "--data",
+                SAMPLES / "digits_mlp_eval.npz",
+                "--recipe",
+                "lossless",
+            ),
             "input 'input'",
         ),
     ]
