@@ -209,6 +209,24 @@ def inspect(
         report.print_inspection(out, summary, top)
 
 
+def _write_report(path: Path, payload: dict[str, Any], result: Any) -> None:
+    """--report: JSON, Markdown or HTML by the file's extension."""
+    from onnxslim_tool.report_files import result_markdown, write_text
+
+    suffix = path.suffix.lower()
+    if suffix == ".md":
+        write_text(path, result_markdown(result))
+    elif suffix in (".html", ".htm"):
+        import html as _html
+
+        body = _html.escape(result_markdown(result))
+        write_text(
+            path, f"<!doctype html><meta charset='utf-8'><title>onnxslim report</title><pre>{body}</pre>"
+        )
+    else:
+        write_text(path, json.dumps(_json_safe(payload), indent=2, default=_json_default))
+
+
 def _inspect_groups(model: Path, json_output: bool) -> None:
     from onnxslim_tool.pruning.depgraph import describe_groups, find_groups
 
@@ -475,7 +493,7 @@ def compress(
         **result.to_dict(),
     }
     if report_path is not None:
-        report_path.write_text(json.dumps(_json_safe(payload), indent=2, default=_json_default))
+        _write_report(report_path, payload, result)
     if json_output:
         _emit_json(_json_safe(payload))
     else:
@@ -488,6 +506,79 @@ def compress(
             f"accuracy budget {chosen.max_drop} not met by: {names}"
             + ("" if written else " (nothing written; --keep-best writes the best model found)")
         )
+
+
+@app.command()
+def analyze(
+    model: Annotated[Path, typer.Argument(help="The .onnx model to analyse.")],
+    data: DataOpt = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Held-out data to measure on (else --data is split).")
+    ] = None,
+    synthetic: SyntheticOpt = False,
+    method: Annotated[str, typer.Option(help="prune, lowrank, share or quantize.")] = "prune",
+    settings: Annotated[
+        str | None, typer.Option(help="Comma-separated values to sweep (default depends on the method).")
+    ] = None,
+    max_layers: Annotated[
+        int | None, typer.Option("--max-layers", help="Only the N layers with the most MACs.")
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Parallel jobs (joblib); -1 = all cores.")] = 1,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the JSON, Markdown and HTML reports.")
+    ] = Path("onnxslim-analysis"),
+    input_shape: InputShapeOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed for the data split and the passes.")] = 0,
+    json_output: JsonOpt = False,
+) -> None:
+    """Per layer, how much the metric drops when that layer alone is compressed, at several settings."""
+    from onnxslim_tool.report_files import sensitivity_html, sensitivity_markdown, write_text
+    from onnxslim_tool.sensitivity import METHODS, scan
+
+    if method not in METHODS:
+        raise OnnxSlimError(f"--method must be one of: {', '.join(METHODS)}")
+    loaded = io.load(model)
+    shapes = parse_input_shapes(input_shape)
+    dataset = load_data(data, loaded, synthetic=synthetic, seed=seed, input_shapes=shapes)
+    if eval_data is not None:
+        calibration, evaluation = dataset, load_data(eval_data, loaded, input_shapes=shapes)
+    elif len(dataset) >= 2:
+        calibration, evaluation = dataset.split(0.5, seed=seed)
+    else:
+        raise OnnxSlimError("analyze needs at least 2 samples (half calibrates, half measures)")
+    values = [_setting(v) for v in settings.split(",")] if settings else None
+    with err.status(f"scanning {method} sensitivity", spinner="dots"):
+        result = scan(
+            loaded,
+            method,
+            calibration,
+            evaluation,
+            settings=values,
+            max_layers=max_layers,
+            n_jobs=jobs,
+            seed=seed,
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"sensitivity_{method}"
+    payload = _json_safe(result.to_dict())
+    write_text(stem.with_suffix(".json"), json.dumps(payload, indent=2, default=_json_default))
+    write_text(stem.with_suffix(".md"), sensitivity_markdown(result))
+    write_text(stem.with_suffix(".html"), sensitivity_html(result))
+    if json_output:
+        _emit_json(payload)
+    else:
+        report.print_sensitivity(out, result)
+        out.print(f"wrote {stem}.json, .md and .html")
+
+
+def _setting(text: str) -> Any:
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @app.command()

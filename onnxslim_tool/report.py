@@ -215,3 +215,20 @@ def print_recipes(console: Console, recipes: dict[str, dict[str, Any]]) -> None:
             name, recipe["description"], " -> ".join(steps), "-" if budget is None else f"{budget:g}"
         )
     console.print(table)
+
+
+def print_sensitivity(console: Console, result: Any) -> None:
+    table = Table(title=f"Sensitivity: {result.method} ({result.parameter}), metric drop per layer")
+    table.add_column("layer")
+    table.add_column("op")
+    table.add_column("MACs", justify="right")
+    for setting in result.settings:
+        table.add_column(str(setting), justify="right")
+    for layer in result.layers:
+        cells = ["failed" if p.metric_drop is None else f"{p.metric_drop:+.4f}" for p in layer.points]
+        table.add_row(layer.layer, layer.op_type, human_count(layer.macs), *cells)
+    console.print(table)
+    note = " on SYNTHETIC data" if result.synthetic_data else f" on {result.data_source}"
+    console.print(
+        f"{len(result.layers)} layers x {len(result.settings)} settings{note} in {result.seconds:.1f} s"
+    )
