@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -207,6 +209,21 @@ def inspect(
         _emit_json(_json_safe(summary))
     else:
         report.print_inspection(out, summary, top)
+
+
+class _Silent:
+    def update(self, _message: str) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _status(message: str, quiet: bool) -> Iterator[Any]:
+    """A spinner with the current step on stderr, or nothing with --quiet."""
+    if quiet:
+        yield _Silent()
+        return
+    with err.status(message, spinner="dots") as status:
+        yield status
 
 
 def _write_report(path: Path, payload: dict[str, Any], result: Any) -> None:
@@ -412,6 +429,9 @@ def compress(
         int, typer.Option(help="Seed for every random choice; same seed, same output bytes.")
     ] = 0,
     json_output: JsonOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing but errors (for pipelines).")
+    ] = False,
     image_size: ImageSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -434,9 +454,10 @@ def compress(
     method_flags = (prune_channels, target_macs, lowrank, energy, prune_weights, share_bits, quantize)
     if recipe_name is None and data is not None and all(f is None for f in method_flags):
         recipe_name = DEFAULT_WITH_DATA
-        err.print(
-            f"no method flag given: using the '{recipe_name}' recipe ({BUILTIN[recipe_name]['description']})"
-        )
+        if not quiet:
+            err.print(
+                f"no method flag given: using the '{recipe_name}' recipe ({BUILTIN[recipe_name]['description']})"
+            )
     if recipe_name is not None:
         chosen = resolve(recipe_name)
         chosen.seed = seed
@@ -475,7 +496,7 @@ def compress(
         if eval_data is not None
         else None
     )
-    with err.status("compressing", spinner="dots") as status:
+    with _status("compressing", quiet) as status:
         result = api.compress(
             model,
             calibration,
@@ -496,7 +517,7 @@ def compress(
         _write_report(report_path, payload, result)
     if json_output:
         _emit_json(_json_safe(payload))
-    else:
+    elif not quiet:
         report.print_result(out, result)
         if written:
             out.print(f"wrote {written}")

@@ -144,6 +144,37 @@ def capture(
     return Capture({n: np.concatenate(p, axis=0) for n, p in parts.items()})
 
 
+def stream_tensors(
+    model: ir.Model, names: Sequence[str], feeds: Iterable[Feed]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run `model` on each feed and yield the full intermediate tensors `names` of that batch.
+
+    For statistics that need whole neighbourhoods (convolution patches) rather than the
+    flattened rows `capture` keeps. Memory stays bounded as long as the caller reduces each
+    batch before asking for the next.
+    """
+    names = list(dict.fromkeys(names))
+    probe = io.load(model, lift_constants=False)
+    values = {v.name: v for v in _all_values(probe.graph)}
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise OnnxSlimError(f"cannot capture unknown tensor(s): {', '.join(missing)}")
+    graph_inputs = {v.name for v in probe.graph.inputs}
+    computed = [n for n in names if n not in graph_inputs]  # graph inputs come from the feed
+    existing = {o.name for o in probe.graph.outputs}
+    for name in computed:
+        if name not in existing:
+            probe.graph.outputs.append(values[name])
+    session = make_session(probe)
+    for feed in feeds:
+        try:
+            outs = session.run(computed, feed) if computed else []
+        except Exception as exc:
+            raise OnnxSlimError(f"onnxruntime failed to run the model: {_one_line(exc)}") from exc
+        batch = {name: np.asarray(out) for name, out in zip(computed, outs, strict=True)}
+        yield {name: batch[name] if name in batch else np.asarray(feed[name]) for name in names}
+
+
 def _as_rows(x: np.ndarray, channel_axis: int) -> np.ndarray:
     if x.ndim <= 1:
         return x.reshape(-1, 1)
