@@ -456,7 +456,8 @@ def compress(
         recipe_name = DEFAULT_WITH_DATA
         if not quiet:
             err.print(
-                f"no method flag given: using the '{recipe_name}' recipe ({BUILTIN[recipe_name]['description']})"
+                f"no method flag given: using the '{recipe_name}' recipe "
+                f"({BUILTIN[recipe_name]['description']})"
             )
     if recipe_name is not None:
         chosen = resolve(recipe_name)
