@@ -55,6 +55,7 @@ def compress(
         recipe = Recipe([Step(p.name, p.params()) for p in passes or [Cleanup()]], max_drop, seed)
     seed = recipe.seed
     loaded = io.load(model, lift_constants=False)
+    io.check_finite_weights(loaded)
     passes = list(passes) if passes is not None else [Cleanup()]
     calibration, evaluation = _split_data(loaded, data, eval_data, passes, input_shapes, seed)
     for p in passes:

@@ -510,13 +510,20 @@ def _synthetic_shape(spec: InputSpec, n: int, input_shapes: InputShapes) -> tupl
         return (n, *full[1:]) if full else (n,)
     if spec.shape is None:
         raise DataError(f"input '{spec.name}' has unknown rank; give its shape with --input-shape")
-    rest = [d if isinstance(d, int) else _named_dim(input_shapes, d) for d in spec.shape[1:]]
+    rest = [d if isinstance(d, int) else _named_dim(input_shapes, d, spec) for d in spec.shape[1:]]
     return (n, *rest)
 
 
-def _named_dim(input_shapes: InputShapes, name: str) -> int:
+def _named_dim(input_shapes: InputShapes, name: str, spec: InputSpec) -> int:
+    """A dynamic non-batch dim must be given: guessing 1 would feed convs 1-pixel images."""
     size = input_shapes.get(name)
-    return size if isinstance(size, int) else 1
+    if isinstance(size, int):
+        return size
+    example = "x".join(str(d) if isinstance(d, int) else "N" for d in spec.shape or ())
+    raise DataError(
+        f"input '{spec.name}' has dynamic dimension '{name}': "
+        f"give its shape, e.g. --input-shape {spec.name}={example}"
+    )
 
 
 def _random_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.external_data import load_to_model
@@ -104,6 +105,21 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             if data_path.stat().st_size < needed:
                 raise ModelLoadError(
                     f"external data file {data_path} is truncated: '{value.name}' needs {needed} bytes"
+                )
+
+
+def check_finite_weights(model: ir.Model) -> None:
+    """Refuse weights holding NaN/Inf: every measurement on such a model would be meaningless."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or not tensor.dtype.is_floating_point():
+                continue
+            array = tensor.numpy()
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise ModelLoadError(
+                    f"weight '{value.name}' holds {bad} NaN/Inf value(s): fix the model first"
                 )
 
 

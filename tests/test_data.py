@@ -229,9 +229,9 @@ def test_synthetic_is_seeded_and_marked():
         ("ids", TensorProto.INT64, ["N", "seq"]),
         ("flag", TensorProto.BOOL, ["N"]),
     )
-    first = load_data(None, model, synthetic=True, n_synthetic=6, seed=3, input_shapes={"seq": 7})
-    again = load_data(None, model, synthetic=True, n_synthetic=6, seed=3, input_shapes={"seq": 7})
-    other = load_data(None, model, synthetic=True, n_synthetic=6, seed=4, input_shapes={"seq": 7})
+    first = load_data(None, model, synthetic=True, n_synthetic=6, seed=3, input_shapes={"seq": 7, "H": 1})
+    again = load_data(None, model, synthetic=True, n_synthetic=6, seed=3, input_shapes={"seq": 7, "H": 1})
+    other = load_data(None, model, synthetic=True, n_synthetic=6, seed=4, input_shapes={"seq": 7, "H": 1})
     assert first.synthetic and first.source == "synthetic (seed 3)"
     assert first.inputs["x"].shape == (6, 3, 1) and first.inputs["x"].dtype == np.float32
     assert first.inputs["ids"].shape == (6, 7) and first.inputs["ids"].dtype == np.int64
@@ -240,6 +240,14 @@ def test_synthetic_is_seeded_and_marked():
     for name in first.inputs:
         np.testing.assert_array_equal(first.inputs[name], again.inputs[name])
     assert not np.array_equal(first.inputs["x"], other.inputs["x"])
+
+
+def test_synthetic_refuses_unresolved_dynamic_dims():
+    model = make_model(("x", TensorProto.FLOAT, ["N", 3, "H", "W"]))
+    message = raises_one_line(load_data, None, model, synthetic=True)
+    assert "dynamic dimension 'H'" in message and "--input-shape x=Nx3xNxN" in message
+    data = load_data(None, model, synthetic=True, n_synthetic=2, input_shapes={"x": [1, 3, 8, 8]})
+    assert data.inputs["x"].shape == (2, 3, 8, 8)
 
 
 def test_synthetic_full_input_shape_and_fixed_batch():

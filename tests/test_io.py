@@ -260,3 +260,13 @@ def test_file_size_and_same_file(tmp_path):
     link.symlink_to(path)
     assert io.same_file(path, link)
     assert not io.same_file(path, tmp_path / "other.onnx")
+
+
+def test_nonfinite_weights_refused():
+    proto = _conv_model()
+    w = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = np.inf
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    with pytest.raises(ModelLoadError, match="weight 'w' holds 1 NaN/Inf"):
+        io.check_finite_weights(io.load(proto))
+    io.check_finite_weights(io.load(_conv_model()))  # a clean model passes
