@@ -624,7 +624,11 @@ def _root(
 def main() -> None:
     """Entry point: one clear line and exit 1 on a refusal, 2 on a missed budget, 130 on Ctrl-C."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into a returned exit code
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except OnnxSlimError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2 if isinstance(exc, BudgetError) else 1)

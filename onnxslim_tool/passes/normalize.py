@@ -7,6 +7,10 @@ initializer removal, topological order.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import (
@@ -237,7 +241,8 @@ class DeduplicateInitializers(CompressionPass):
 
     def rewrite(self, model: ir.Model, record: PassRecord) -> None:
         before = _initializer_count(model)
-        DeduplicateInitializersPass()(model)
+        with _quiet_logger("onnx_ir"):  # it logs every graph-input initializer it leaves alone
+            DeduplicateInitializersPass()(model)
         after = _initializer_count(model)
         if after < before:
             record.changed("*", "initializer", f"{before - after} duplicate initializer(s) merged")
@@ -270,6 +275,17 @@ class Cleanup(CompressionPass):
             record.skipped.extend(sub.skipped)
             record.notes.extend(sub.notes)
         TopologicalSortPass()(model)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _node_count(model: ir.Model) -> int:

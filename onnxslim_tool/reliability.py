@@ -1,0 +1,200 @@
+"""Corpus sweep: every model onnx ships, through every pass family; each either compresses
+correctly or is refused with a reason. Nothing else is acceptable.
+
+Run it all with `python -m onnxslim_tool.reliability --out docs/reliability.md`; the test
+suite runs a fast subset. Each outcome is checked independently of the pipeline: the
+written file is reloaded in onnxruntime and compared with the original on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxslim_tool import api, io, metrics, runtime
+from onnxslim_tool.data import CalibrationData, input_specs
+from onnxslim_tool.errors import OnnxSlimError
+from onnxslim_tool.recipe import Recipe, RecipeError
+from onnxslim_tool.testing import with_random_weights
+
+CORPUS = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+# Each pass family at a moderate setting; tolerance = what its output must keep.
+FAMILIES: dict[str, tuple[dict, float]] = {
+    "cleanup": ({"passes": ["cleanup"]}, 0.9999),
+    "channel-pruning": ({"passes": [{"pass": "channel-pruning", "ratio": 0.3}]}, 0.0),
+    "lowrank": ({"passes": [{"pass": "lowrank", "ratio": 0.5}]}, 0.0),
+    "weight-pruning": ({"passes": [{"pass": "weight-pruning", "sparsity": 0.5}]}, 0.0),
+    "weight-sharing": ({"passes": [{"pass": "weight-sharing", "bits": 6}]}, 0.0),
+    "quantize": ({"passes": [{"pass": "quantize", "mode": "int8-dynamic"}]}, 0.0),
+}
+
+
+@dataclass
+class Outcome:
+    model: str
+    family: str
+    status: str  # ok | unchanged | refused | rolled back | FAILED
+    detail: str = ""
+    seconds: float = 0.0
+
+
+SECTIONS = ("light", "pytorch-converted", "pytorch-operator", "simple")
+
+
+def corpus_models(sections: Sequence[str] = SECTIONS) -> list[Path]:
+    return sorted(p for s in sections for p in (CORPUS / s).rglob("*.onnx"))
+
+
+def _test_inputs(model_path: Path) -> dict[str, np.ndarray] | None:
+    """The input tensors onnx ships beside a test model (valid indices, shapes), if any."""
+    data_dir = model_path.parent / "test_data_set_0"
+    files = sorted(data_dir.glob("input_*.pb"))
+    if not files:
+        return None
+    proto = onnx.load(str(model_path), load_external_data=False)
+    initializers = {t.name for t in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers]
+    arrays = []
+    for f in files:
+        tensor = onnx.TensorProto()
+        tensor.ParseFromString(f.read_bytes())
+        arrays.append(numpy_helper.to_array(tensor))
+    if len(arrays) != len(names):
+        return None
+    return dict(zip(names, arrays, strict=True))
+
+
+def _prepare(model_path: Path, workdir: Path) -> tuple[Path, CalibrationData]:
+    """The model as it will be compressed (light zoo: random weights) and data to judge it."""
+    if model_path.parent.name == "light" or model_path.name.startswith("light_"):
+        src = workdir / model_path.name
+        onnx.save(with_random_weights(model_path), str(src))
+    else:
+        src = model_path
+    feeds = _test_inputs(model_path)
+    model = io.load(src)
+    if feeds is None:
+        return src, CalibrationData.synthetic_for(model, n=2, seed=0)
+    specs = input_specs(model)
+    # The shipped tensors are one batch: their first axis is the sample axis, unless they
+    # are scalars or the model's batch dim is fixed and absent from them (then add one).
+    for inputs in ({k: v for k, v in feeds.items()}, {k: v[None] for k, v in feeds.items()}):
+        try:
+            return src, CalibrationData(inputs=inputs, source="onnx test data").validate(specs)
+        except OnnxSlimError:
+            continue
+    return src, CalibrationData(inputs={k: v[None] for k, v in feeds.items()}, source="onnx test data")
+
+
+def check_one(model_path: Path, family: str, workdir: Path) -> Outcome:
+    recipe_data, min_cosine = FAMILIES[family]
+    start = time.perf_counter()
+    name = str(model_path.relative_to(CORPUS)) if model_path.is_relative_to(CORPUS) else model_path.name
+    try:
+        src, data = _prepare(model_path, workdir)
+        recipe = Recipe.from_dict(dict(recipe_data), name=family)
+        result = api.compress(src, data, recipe=recipe, eval_data=data)
+        out = workdir / f"{family}.onnx"
+        result.save(out)
+        status, detail = _judge(src, out, data, result, min_cosine)
+    except RecipeError as exc:
+        status, detail = "refused", f"pass unavailable: {exc}"
+    except OnnxSlimError as exc:
+        status, detail = "refused", str(exc)
+    except Exception as exc:  # a traceback here is a bug the sweep exists to find
+        status = "FAILED"
+        detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]} @ {_where(exc)}"
+    return Outcome(name, family, status, detail[:300], time.perf_counter() - start)
+
+
+def _judge(src: Path, out: Path, data: CalibrationData, result, min_cosine: float) -> tuple[str, str]:
+    step = result.steps[0]
+    if step.status == "rolled back":
+        return "rolled back", step.reason
+    reference = runtime.run_model(io.load(src), data.batches(8))
+    candidate = runtime.run_model(io.load(out), data.batches(8))
+    for fid in metrics.compare_outputs(reference, candidate):
+        if not fid.finite:
+            return "FAILED", f"output '{fid.name}' not finite"
+        if fid.cosine < min_cosine:
+            return "FAILED", f"output '{fid.name}' cosine {fid.cosine:.6f} < {min_cosine}"
+    if step.status == "no-op":
+        return "unchanged", "; ".join(s.reason for s in step.record.skipped[:2]) or "nothing to change"
+    return "ok", f"{result.before.bytes:,} -> {result.after.bytes:,} bytes"
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+
+
+def sweep(models: Iterable[Path], families: Sequence[str]) -> list[Outcome]:
+    outcomes = []
+    for model_path in models:
+        for family in families:
+            with tempfile.TemporaryDirectory(prefix="onnxslim-sweep-") as tmp:
+                outcomes.append(check_one(model_path, family, Path(tmp)))
+    return outcomes
+
+
+def table_markdown(outcomes: Sequence[Outcome]) -> str:
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for o in outcomes:
+        counts[o.family][o.status] += 1
+    statuses = ["ok", "unchanged", "refused", "rolled back", "FAILED"]
+    lines = [
+        "# Reliability sweep",
+        "",
+        f"Every model in onnx's backend test data ({len({o.model for o in outcomes})} models) through each "
+        "pass family. `ok`: compressed, reloaded in onnxruntime, outputs finite and (cleanup) equal to the "
+        "original; `unchanged`: the pass found nothing to do; `refused`/`rolled back`: a one-line reason, "
+        "model untouched; `FAILED`: a bug.",
+        "",
+        "Regenerate: `python -m onnxslim_tool.reliability --out docs/reliability.md`.",
+        "",
+        "| pass family | " + " | ".join(statuses) + " |",
+        "|---|" + "---:|" * len(statuses),
+    ]
+    for family, counter in counts.items():
+        lines.append(f"| {family} | " + " | ".join(str(counter.get(s, 0)) for s in statuses) + " |")
+    reasons: collections.Counter = collections.Counter(
+        (o.family, o.status, o.detail.split(":")[0][:80]) for o in outcomes if o.status not in ("ok",)
+    )
+    lines += ["", "## Most common reasons", "", "| family | status | reason | models |", "|---|---|---|---:|"]
+    for (family, status, reason), n in reasons.most_common(25):
+        lines.append(f"| {family} | {status} | {reason.replace('|', '/')} | {n} |")
+    failed = [o for o in outcomes if o.status == "FAILED"]
+    if failed:
+        lines += ["", "## Failures", ""] + [f"- `{o.model}` {o.family}: {o.detail}" for o in failed]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated pass families")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N models")
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
+    args = parser.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    models = corpus_models()[: args.limit]
+    outcomes = sweep(models, families)
+    text = table_markdown(outcomes)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 1 if any(o.status == "FAILED" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

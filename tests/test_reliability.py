@@ -1,0 +1,74 @@
+"""Reliability: a fast slice of the corpus sweep, determinism across processes, Ctrl-C."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnxslim_tool import cli, reliability
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def test_fast_corpus_slice_never_fails():
+    models = [m for m in reliability.corpus_models(("pytorch-converted", "pytorch-operator", "simple"))][::6]
+    outcomes = reliability.sweep(models, ["cleanup"])
+    assert len(outcomes) == len(models) >= 20
+    failed = [o for o in outcomes if o.status == "FAILED"]
+    assert not failed, failed
+    assert sum(o.status in ("ok", "unchanged") for o in outcomes) >= len(outcomes) // 2
+    for o in outcomes:
+        if o.status in ("refused", "rolled back"):
+            assert o.detail and "\n" not in o.detail  # a refusal always says why, in one line
+    table = reliability.table_markdown(outcomes)
+    assert "| cleanup |" in table
+
+
+def _compress_in_subprocess(out: Path) -> str:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxslim_tool",
+            "compress",
+            str(SAMPLES / "digits_cnn.onnx"),
+            "-o",
+            str(out),
+            "--data",
+            str(SAMPLES / "digits_cnn_calib.npz"),
+            "--recipe",
+            "lossless",
+            "--seed",
+            "7",
+            "--quiet",
+        ],
+        check=True,
+        timeout=300,
+    )
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_same_input_and_seed_give_byte_identical_output_across_processes(tmp_path):
+    assert _compress_in_subprocess(tmp_path / "a.onnx") == _compress_in_subprocess(tmp_path / "b.onnx")
+
+
+def test_ctrl_c_exits_cleanly_without_output(monkeypatch, capsys, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.api, "compress", interrupted)
+    out = tmp_path / "never.onnx"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["onnxslim-tool", "compress", str(SAMPLES / "digits_mlp.onnx"), "-o", str(out), "--synthetic"],
+    )
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
