@@ -73,6 +73,13 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray) -> O
     if not np.issubdtype(ref.dtype, np.number) and ref.dtype != np.bool_:
         same = bool(np.array_equal(ref, cand))
         return OutputFidelity(name, float(same), float("inf") if same else 0.0, 0.0 if same else 1.0, 0.0)
+    finite = True
+    if np.issubdtype(cand.dtype, np.floating):
+        # NaN/Inf the reference already had (sqrt of a negative input) are not the candidate's fault.
+        ref_ok, cand_ok = np.isfinite(ref), np.isfinite(cand)
+        finite = bool(np.all(cand_ok | ~ref_ok))
+        both = ref_ok & cand_ok
+        ref, cand = (ref[both], cand[both]) if not both.all() else (ref, cand)
     scale = float(np.max(np.abs(_flat64(ref)))) if ref.size else 0.0
     err = max_abs_error(ref, cand)
     return OutputFidelity(
@@ -81,8 +88,8 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray) -> O
         snr_db=snr_db(ref, cand),
         max_abs_error=err,
         max_rel_error=err / scale if scale > 0 else (0.0 if err == 0 else float("inf")),
-        top1_agreement=top1_agreement(ref, cand) if looks_like_class_scores(ref) else None,
-        finite=bool(np.all(np.isfinite(cand))) if np.issubdtype(cand.dtype, np.floating) else True,
+        top1_agreement=top1_agreement(reference, candidate) if looks_like_class_scores(reference) else None,
+        finite=finite,
     )
 
 

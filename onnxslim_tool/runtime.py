@@ -28,7 +28,7 @@ def session_options(threads: int = 1, optimize: bool = True) -> ort.SessionOptio
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # onnxruntime's warnings would drown the report
+    opts.log_severity_level = 4  # we report failures ourselves, in one line
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return opts

@@ -39,3 +39,12 @@ def test_compare_output_flags_nonfinite_and_shape_change():
     fid = metrics.compare_output("y", ref, ref * 1.01)
     assert fid.max_rel_error == pytest.approx(0.01, rel=1e-3)
     assert fid.top1_agreement == 1.0
+
+
+def test_nonfinite_values_the_reference_already_had_are_not_blamed():
+    ref = np.array([[1.0, np.nan, 2.0]], np.float32)
+    same = ref.copy()
+    fid = metrics.compare_output("y", ref, same)
+    assert fid.finite and fid.cosine == pytest.approx(1.0) and fid.max_abs_error == 0.0
+    worse = np.array([[1.0, np.nan, np.inf]], np.float32)
+    assert not metrics.compare_output("y", ref, worse).finite
