@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.external_data import load_to_model
+from onnx_ir.external_data import load_to_model, set_base_dir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from onnxslim_tool.errors import ModelLoadError, OnnxSlimError
@@ -38,7 +38,7 @@ def load(
     Raises ModelLoadError with a one-line message for every way a file can be unusable.
     """
     if isinstance(source, ir.Model):
-        model = ir.from_proto(ir.to_proto(source))
+        model = copy_model(source)
     elif isinstance(source, onnx.ModelProto):
         model = ir.from_proto(source)
     elif isinstance(source, bytes):
@@ -49,6 +49,24 @@ def load(
     if lift_constants:
         lift_constant_weights(model)
     return model
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent copy; memory-mapped external tensors stay external and readable."""
+    copy = ir.from_proto(ir.to_proto(model))
+    base_dirs = {t.base_dir for t in _external_tensors(model)}
+    if len(base_dirs) == 1:  # the proto round trip drops where the data file lives
+        set_base_dir(copy.graph, base_dirs.pop())
+    elif base_dirs:
+        load_to_model(copy)
+    return copy
+
+
+def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
 
 
 def _load_path(path: Path) -> ir.Model:
@@ -142,14 +160,10 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 def has_external_tensors(model: ir.Model) -> bool:
-    return any(
-        isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()
-    )
+    return any(True for _ in _external_tensors(model))
 
 
-def save(
-    model: ir.Model, path: str | os.PathLike, *, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
-) -> Path:
+def save(model: ir.Model, path: str | os.PathLike, *, external_data_threshold: int | None = None) -> Path:
     """Write `model` to `path` atomically; external data (`<name>.data`) above the threshold.
 
     Files are written into a temporary folder beside the target and renamed into place, so
@@ -157,6 +171,8 @@ def save(
     """
     path = Path(path)
     parent = check_writable(path)
+    if external_data_threshold is None:  # read at call time so tests can lower it module-wide
+        external_data_threshold = EXTERNAL_DATA_THRESHOLD
     external = weight_bytes(model) > external_data_threshold
     data_name = path.name + ".data"
     with _staging_dir(parent) as staging:
