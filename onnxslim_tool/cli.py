@@ -638,15 +638,10 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
-    except Exception as exc:  # click usage errors and real bugs: still one line, never a traceback
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            err.print("interrupted: no output was written", markup=False)
-            sys.exit(130)
+    except Exception as exc:  # usage errors and real bugs: still one line, never a traceback
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # usage errors (typer's click)
+            err.print(f"error: {_usage_message(exc)}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(1)
         if os.environ.get("ONNXSLIM_DEBUG"):
             traceback.print_exc()
         err.print(
@@ -656,6 +651,19 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+def _usage_message(exc: Any) -> str:
+    """'Missing option '-o'' rather than the parameter's Python name; one line, with where."""
+    message = " ".join(str(exc.format_message()).split())
+    param = getattr(exc, "param", None)
+    if param is not None and getattr(param, "opts", None) and type(exc).__name__ == "MissingParameter":
+        kind = "argument" if type(param).__name__.endswith("Argument") else "option"
+        name = param.opts[0].upper() if kind == "argument" else " / ".join(param.opts)
+        message = f"missing {kind} {name}"
+    elif param is not None and getattr(param, "opts", None) and param.opts[0] not in message:
+        message = f"{' / '.join(param.opts)}: {message}"
+    return message + " (see --help)"
 
 
 if __name__ == "__main__":

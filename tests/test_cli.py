@@ -171,3 +171,12 @@ def test_console_script_entry_point_runs():
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: model file not found")
     assert "Traceback" not in result.stderr
+
+
+def test_cli_reference_doc_matches_the_app():
+    from onnxslim_tool.cli_docs import cli_reference
+
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    assert committed == cli_reference(), (
+        "docs/cli.md is stale: python -m onnxslim_tool.cli_docs > docs/cli.md"
+    )
