@@ -49,6 +49,9 @@ class DependencyGroup:
     reason: str = ""
     # Every member count must stay a multiple of this (grouped convs: channels per group).
     divisor: int = 1
+    # Grouped convs: the channels form `blocks` equal contiguous runs (0..size/blocks-1, ...)
+    # and every run must keep the same number of channels (divisor is then set to blocks).
+    blocks: int = 1
     # Node names: whose weights produce the channels, and who reads them (for refits).
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
