@@ -233,6 +233,12 @@ def _proto_value_infos(graph: onnx.GraphProto) -> dict[str, _ValueInfo]:
     return table
 
 
+def value_shapes(model: ir.Model, notes: list[str] | None = None) -> dict[str, tuple]:
+    """Inferred dims by value name (ints, or str/None where dynamic); the model is not changed."""
+    inferred = _infer_shapes(model, {}, notes if notes is not None else [])
+    return {name: shape for name, (shape, _) in inferred.items() if shape is not None}
+
+
 def _infer_shapes(model: ir.Model, fixed: dict[str, StaticShape], notes: list[str]) -> dict[str, _ValueInfo]:
     """Shapes and dtypes by value name, inferred on a serialised copy with ``fixed`` input dims."""
     proto = ir.to_proto(model)
