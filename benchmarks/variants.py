@@ -1,0 +1,199 @@
+"""The variants measured per subject: ours (one per built-in recipe) and the peers users would pick.
+
+Each conversion runs in its own child process (see convert.py), so its wall time and peak
+memory are its own. Peers run with their default settings; where a peer takes a ratio,
+it gets the ratios our built-in recipes use (matched ratios).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from benchmarks.subject import load_feeds
+
+REFERENCE = "fp32"
+ONNXSIM_KMEANS_BITS = 4  # the only width onnxsim 0.8.1's k-means accepts
+
+
+@dataclass(frozen=True)
+class Job:
+    """One conversion: read `source`, write `target`; `calibration` is in the project's data layout."""
+
+    source: Path
+    target: Path
+    feeds: Path
+    calibration: Path | None
+    seed: int = 0
+
+
+Convert = Callable[[Job], dict[str, Any]]  # writes job.target, returns notes for the report
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    tool: str  # "reference", "onnxslim_tool", "onnxruntime", "onnxslim", "onnxsim"
+    description: str
+    convert: Convert | None  # None for the fp32 reference itself
+
+
+def catalogue() -> dict[str, Variant]:
+    from onnxslim_tool.recipe import BUILTIN
+
+    variants = [Variant(REFERENCE, "reference", "the original model", None)]
+    for recipe, spec in BUILTIN.items():
+        variants.append(
+            Variant(
+                f"ours-{recipe}",
+                "onnxslim_tool",
+                f"recipe '{recipe}': {spec.get('description', '')}",
+                partial(_ours, recipe),
+            )
+        )
+    variants += [
+        Variant(
+            "ort-static",
+            "onnxruntime",
+            "onnxruntime.quantization.quantize_static, default settings, calibrated on the calibration feeds",
+            _ort_static,
+        ),
+        Variant(
+            "ort-dynamic",
+            "onnxruntime",
+            "onnxruntime.quantization.quantize_dynamic, default settings",
+            _ort_dynamic,
+        ),
+        Variant("onnxslim", "onnxslim", "onnxslim.slim (graph simplification)", _onnxslim),
+    ]
+    for ratio in recipe_pruning_ratios():
+        variants.append(
+            Variant(
+                f"onnxsim-prune-{round(ratio * 100)}",
+                "onnxsim",
+                f"onnxsim.simplify then onnxsim.apply_structured_pruning(sparsity={ratio}) "
+                "(L2 importance, no data)",
+                partial(_onnxsim_prune, ratio),
+            )
+        )
+    variants.append(
+        Variant(
+            f"onnxsim-kmeans-{ONNXSIM_KMEANS_BITS}bit",
+            "onnxsim",
+            "onnxsim.simplify then onnxsim.quantize_weight_only_kmeans (4-bit codebooks)",
+            _onnxsim_kmeans,
+        )
+    )
+    return {v.name: v for v in variants}
+
+
+def recipe_pruning_ratios() -> list[float]:
+    """The channel-pruning ratios the built-in recipes ask for: onnxsim gets the same."""
+    from onnxslim_tool.recipe import BUILTIN
+
+    ratios = {
+        float(step["ratio"])
+        for spec in BUILTIN.values()
+        for step in spec.get("passes", [])
+        if isinstance(step, dict) and step.get("pass") == "channel-pruning" and "ratio" in step
+    }
+    return sorted(ratios)
+
+
+def resolve(selection: str | None) -> list[str]:
+    names = list(catalogue())
+    if not selection:
+        return names
+    wanted = [s.strip() for s in selection.split(",") if s.strip()]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise ValueError(f"unknown variant '{unknown[0]}'; variants: {', '.join(names)}")
+    # The reference is always measured: every ratio is relative to it.
+    return [n for n in names if n in set(wanted) or n == REFERENCE]
+
+
+# ----- converters (run in the child process) --------------------------------------------------------
+
+
+def _ours(recipe: str, job: Job) -> dict[str, Any]:
+    from onnxslim_tool import api
+    from onnxslim_tool.data import CalibrationData
+
+    data = CalibrationData.from_npz(job.calibration) if job.calibration else None
+    # No eval_data: the API holds out half of the calibration set for its accuracy gate, so
+    # the benchmark's own evaluation set is never seen by the compressor.
+    result = api.compress(str(job.source), data, recipe=recipe, seed=job.seed)
+    result.save(job.target)
+    return {
+        "steps": [
+            {"pass": s.name, "status": s.status, "reason": s.reason, "seconds": round(s.seconds, 3)}
+            for s in result.steps
+        ],
+        "gate_metric_before": result.accuracy_before,
+        "gate_metric_after": result.accuracy_after,
+    }
+
+
+def _ort_static(job: Job) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self._feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    feeds = load_feeds(job.feeds)
+    quantize_static(str(job.source), str(job.target), Reader(feeds))
+    return {"calibration_feeds": len(feeds)}
+
+
+def _ort_dynamic(job: Job) -> dict[str, Any]:
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(job.source), str(job.target))
+    return {}
+
+
+def _onnxslim(job: Job) -> dict[str, Any]:
+    import onnx
+    import onnxslim
+
+    onnx.save(onnxslim.slim(str(job.source)), str(job.target))
+    return {}
+
+
+def _onnxsim_simplified(source: Path):
+    """onnxsim's own simplifier first (it folds BatchNorm, which its pruning expects); the
+    unsimplified model when the simplifier refuses."""
+    import onnx
+    import onnxsim
+
+    model = onnx.load(str(source))
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as exc:  # a refusal of the peer's simplifier is a note, not a failure
+        return model, f"simplify failed: {' '.join(str(exc).split())[:160]}"
+    return (simplified, "simplified") if ok else (model, "simplify check failed; pruned the original")
+
+
+def _onnxsim_prune(ratio: float, job: Job) -> dict[str, Any]:
+    import onnx
+    import onnxsim
+
+    model, note = _onnxsim_simplified(job.source)
+    onnx.save(onnxsim.apply_structured_pruning(model, sparsity=ratio), str(job.target))
+    return {"simplify": note}
+
+
+def _onnxsim_kmeans(job: Job) -> dict[str, Any]:
+    import onnx
+    import onnxsim
+
+    model, note = _onnxsim_simplified(job.source)
+    onnx.save(onnxsim.quantize_weight_only_kmeans(model, bits=ONNXSIM_KMEANS_BITS), str(job.target))
+    return {"simplify": note}
