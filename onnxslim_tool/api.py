@@ -57,6 +57,8 @@ def compress(
     loaded = io.load(model, lift_constants=False)
     io.check_finite_weights(loaded)
     passes = list(passes) if passes is not None else [Cleanup()]
+    for compression_pass in passes:
+        compression_pass.preflight(loaded)
     calibration, evaluation = _split_data(loaded, data, eval_data, passes, input_shapes, seed)
     for p in passes:
         p.bind_data(calibration)

@@ -100,6 +100,13 @@ class CompressionPass(ir.passes.InPlacePass):
         if self.uses_data and self.calibration is None:
             self.calibration = calibration
 
+    def preflight(self, model: ir.Model) -> None:
+        """Refuse the whole run up front (raise OnnxSlimError) when this pass cannot apply.
+
+        For refusals the user must act on (e.g. quantizing an already-quantized model), as
+        opposed to per-layer skips, which are recorded and never stop a run.
+        """
+
     def milder(self) -> CompressionPass | None:
         """A gentler version of this pass to try when the accuracy budget breaks, or None."""
         return None

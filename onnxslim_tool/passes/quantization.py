@@ -1,0 +1,261 @@
+"""int8 quantization that keeps accuracy: static QDQ, dynamic, weight-only int8 and int4.
+
+onnxruntime.quantization does the quantizing; this pass adds what it lacks (see
+onnxslim_tool/quantization/): refusal of already-quantized models, preparation (constant
+lifting, BatchNorm folding, opset upgrade, pre-processing with a fallback), measured repairs
+(cross-layer equalization, SmoothQuant, bias correction), mixed precision under a budget,
+float tails for outputs that mix ranges, a latency probe for the activation type, weight-only
+formats, and a compact file. Every decision is measured on held-out calibration samples and
+written to the record.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxslim_tool.data import CalibrationData
+from onnxslim_tool.errors import PassError
+from onnxslim_tool.graph_utils import const_array
+from onnxslim_tool.passes.base import CompressionPass, PassRecord
+from onnxslim_tool.quantization.compact import compact, restore_layer_names
+from onnxslim_tool.quantization.detect import is_quantized
+from onnxslim_tool.quantization.formats import Context, Formats
+from onnxslim_tool.quantization.ort_backend import quiet
+from onnxslim_tool.quantization.prepare import prepare
+from onnxslim_tool.quantization.static import WEIGHTED_OPS, StaticOptions
+from onnxslim_tool.quantization.weight_only import WEIGHT_INPUT
+
+MODES = ("int8", "int8-dynamic", "int8-weights", "int4-weights")
+CALIBRATORS = ("minmax", "entropy", "percentile")
+ACTIVATION_TYPES = ("auto", "uint8", "int8")
+HOLDOUT_FRACTION = 0.5
+MIN_SAMPLES_TO_HOLD_OUT = 4
+
+__all__ = ["Quantize", "is_quantized"]
+
+
+class Quantize(CompressionPass):
+    """Quantize weights (and for `int8`, activations) to 8 or 4 bits; see the module docstring."""
+
+    name = "quantize"
+    lossless = False
+    uses_data = True
+
+    def __init__(
+        self,
+        mode: str = "int8",
+        calibrator: str = "minmax",
+        per_channel: bool = True,
+        bias_correction: bool = True,
+        equalize: bool = True,
+        smoothquant: bool | None = None,
+        max_drop: float | None = None,
+        activation_type: str = "auto",
+        exclude_ops: Sequence[str] = (),
+        seed: int = 0,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> None:
+        super().__init__(include=include, exclude=exclude)
+        _check_choice("mode", mode, MODES)
+        _check_choice("calibrator", calibrator, CALIBRATORS)
+        _check_choice("activation_type", activation_type, ACTIVATION_TYPES)
+        if max_drop is not None and not 0 <= max_drop < 1:
+            raise PassError(f"max_drop must be in [0, 1), got {max_drop}")
+        self.mode = mode
+        self.calibrator = calibrator
+        self.per_channel = per_channel
+        self.bias_correction = bias_correction
+        self.equalize = equalize
+        self.smoothquant = smoothquant
+        self.max_drop = max_drop
+        self.activation_type = activation_type
+        self.exclude_ops = tuple(exclude_ops)
+        self.seed = seed
+
+    def milder(self) -> Quantize | None:
+        """Static with a tighter own budget, then weight-only int8; nothing gentler after that."""
+        if self.mode == "int8-weights":
+            return None
+        if self.mode == "int8" and (self.max_drop is None or self.max_drop > 0.001):
+            tighter = 0.005 if self.max_drop is None else self.max_drop / 2
+            return self._with(max_drop=tighter)
+        return self._with(mode="int8-weights")
+
+    def _with(self, **changes) -> Quantize:
+        params = {k: getattr(self, k) for k in ("mode", "calibrator", "per_channel", "bias_correction")}
+        params |= {k: getattr(self, k) for k in ("equalize", "smoothquant", "max_drop", "activation_type")}
+        params |= {"exclude_ops": self.exclude_ops, "seed": self.seed}
+        milder = Quantize(**(params | changes), include=self.include, exclude=self.exclude)
+        milder.calibration = self.calibration
+        return milder
+
+    # ----- the pass ----------------------------------------------------------------------------
+
+    def preflight(self, model: ir.Model) -> None:
+        refusal = is_quantized(model)
+        if refusal:
+            raise PassError(refusal)
+
+    def rewrite(self, model: ir.Model, record: PassRecord) -> None:
+        refusal = is_quantized(model)
+        if refusal:
+            raise PassError(refusal)
+        with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp, quiet():
+            workdir = Path(tmp)
+            prepared = prepare(model, workdir, per_channel=self.per_channel, notes=record.notes)
+            mode = self.mode
+            if mode == "int8" and self.calibration is None:
+                record.notes.append("no calibration data: static int8 needs it, so int8-dynamic was used")
+                mode = "int8-dynamic"
+            calibration, holdout = self._split_data(prepared.model, record)
+            formats = Formats(
+                Context(
+                    float_model=prepared.model,
+                    per_channel=prepared.per_channel,
+                    excluded=self._excluded(prepared.model),
+                    calibration=calibration,
+                    holdout=holdout,
+                    workdir=workdir,
+                    static_options=self._static_options(),
+                )
+            )
+            result = formats.build(mode, record.notes)
+            if mode != "int8" and holdout is not None:
+                record.notes.append(f"{mode}: held-out {formats.score(result)}")
+            record.notes.extend(formats.latency_report(mode, result))
+            original_names = {node.name for node in prepared.model.graph if node.name}
+            restore_layer_names(result, original_names)
+            _record_layers(result, formats.context.excluded, record)
+            compact(result, original_names)
+            record.notes.append(
+                "internal tensor names shortened, duplicate scales stored once (node names kept)"
+            )
+        _install(model, result)
+
+    def _static_options(self) -> StaticOptions:
+        return StaticOptions(
+            calibrator=self.calibrator,
+            per_channel=self.per_channel,
+            bias_correction=self.bias_correction,
+            equalize=self.equalize,
+            smoothquant=self.smoothquant,
+            max_drop=self.max_drop,
+            activation_type=self.activation_type,
+        )
+
+    # ----- data and exclusions -----------------------------------------------------------------
+
+    def _split_data(
+        self, model: ir.Model, record: PassRecord
+    ) -> tuple[CalibrationData | None, CalibrationData | None]:
+        data = self.calibration
+        if data is not None:
+            data = data.validate(model)  # learns the model's fixed batch size, if any
+        if data is None:
+            record.notes.append("no calibration data: nothing measured on held-out samples")
+            return None, None
+        if len(data) < MIN_SAMPLES_TO_HOLD_OUT:
+            record.notes.append(
+                f"only {len(data)} calibration samples: decisions measured on the same samples"
+            )
+            return data, data
+        calibration, holdout = data.split(HOLDOUT_FRACTION, seed=self.seed)
+        record.notes.append(
+            f"calibration data split (seed {self.seed}): {len(calibration)} to calibrate, "
+            f"{len(holdout)} held out to measure every decision"
+        )
+        return calibration, holdout
+
+    def _excluded(self, model: ir.Model) -> dict[str, str]:
+        """Nodes the user keeps float: by --exclude/--include patterns or by op type."""
+        excluded = {}
+        for node in model.graph:
+            ok, why = self.selects(node)
+            if not ok:
+                excluded[node.name] = why
+            elif node.op_type in self.exclude_ops:
+                excluded[node.name] = f"op type {node.op_type} kept float (exclude_ops)"
+        return excluded
+
+
+def _record_layers(model: ir.Model, excluded: dict[str, str], record: PassRecord) -> None:
+    """One change per layer now holding quantized weights; one skip per weighted layer left float."""
+    others: Counter[str] = Counter()
+    for node in model.graph:
+        kind = _quantized_kind(node)
+        if kind:
+            record.changed(node.name or node.op_type, node.op_type, kind)
+        elif node.op_type in WEIGHTED_OPS and node.name:
+            record.skip(node.name, excluded.get(node.name, "left float by onnxruntime's quantizer"))
+        elif _reads_quantized_activation(node):
+            others[node.op_type] += 1
+    if others:
+        listed = ", ".join(f"{op} x{n}" for op, n in sorted(others.items()))
+        record.notes.append(f"other ops reading int8 activations: {listed}")
+
+
+def _quantized_kind(node: ir.Node) -> str | None:
+    if node.op_type == "MatMulNBits":
+        return "4-bit weights (MatMulNBits, block 32)"
+    if node.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"):
+        return "int8 weights, activations quantized at run time"
+    index = WEIGHT_INPUT.get(node.op_type)
+    if index is None or len(node.inputs) <= index or node.inputs[index] is None:
+        return None
+    stored = _int8_storage(node.inputs[index])
+    if stored is None:
+        return None
+    form, scale = stored
+    granularity = "per-channel" if scale is not None and scale.size > 1 else "per-tensor"
+    if _reads_quantized_activation(node):
+        zero_point = (
+            node.inputs[0].producer().inputs[2] if len(node.inputs[0].producer().inputs) > 2 else None
+        )
+        activation = "uint8" if zero_point is not None and zero_point.dtype == ir.DataType.UINT8 else "int8"
+        return f"int8 weights ({granularity}), {activation} activations"
+    if form == "folded":
+        return f"int8 weights ({granularity}) in the file, restored to float when onnxruntime loads it"
+    return f"int8 weights ({granularity}) + DequantizeLinear, float compute"
+
+
+def _int8_storage(weight: ir.Value) -> tuple[str, np.ndarray | None] | None:
+    """('dequantize' | 'folded', scale) when `weight` is rebuilt from an int8 initializer."""
+    producer = weight.producer()
+    if producer is None:
+        return None
+    if producer.op_type == "DequantizeLinear" and producer.inputs[0].is_initializer():
+        return "dequantize", const_array(producer.inputs[1])
+    if producer.op_type == "Mul" and producer.inputs[0] is not None:
+        cast = producer.inputs[0].producer()
+        if cast is not None and cast.op_type == "Cast" and cast.inputs[0].is_initializer():
+            return "folded", const_array(producer.inputs[1])
+    return None
+
+
+def _reads_quantized_activation(node: ir.Node) -> bool:
+    value = node.inputs[0] if node.inputs else None
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return False
+    source = producer.inputs[0]
+    return source is not None and not source.is_initializer()
+
+
+def _install(target: ir.Model, source: ir.Model) -> None:
+    """Make `target` (the object the pipeline holds) the quantized model, in place."""
+    target.graph = source.graph
+    target.ir_version = max(target.ir_version or 0, source.ir_version or 0)
+    target.functions.clear()
+    target.functions.update(source.functions)
+
+
+def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise PassError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")

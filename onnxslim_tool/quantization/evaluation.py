@@ -1,0 +1,83 @@
+"""How far a quantized candidate is from the float model, on held-out calibration samples.
+
+Every decision the quantization pass makes (activation type, each repair, which layers stay
+float) is taken on these numbers: the relative output error (continuous, stable on few
+samples) and the task metric the pipeline's budget uses (accuracy with labels, else top-1
+agreement, else cosine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxslim_tool import metrics, runtime
+from onnxslim_tool.data import CalibrationData
+
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Score:
+    rel_error: float
+    metric: float
+    metric_name: str
+
+    def describe(self) -> str:
+        return f"output error {self.rel_error:.4f}, {self.metric_name} {self.metric:.4f}"
+
+
+class Judge:
+    """Scores candidates against the float reference on one fixed set of samples."""
+
+    def __init__(self, reference: ir.Model, data: CalibrationData) -> None:
+        self.data = data
+        self.reference = self._outputs(reference)
+        self.labels = _covered_labels(data)
+        accuracy = metrics.task_accuracy(self.reference, self.labels)
+        self.metric_name = "accuracy" if accuracy is not None else self._fallback_metric_name()
+        self.reference_metric = accuracy if accuracy is not None else 1.0
+
+    def score(self, model: ir.Model) -> Score:
+        outputs = self._outputs(model)
+        errors = [_relative_error(self.reference[name], outputs[name]) for name in self.reference]
+        return Score(max(errors), self._metric(outputs), self.metric_name)
+
+    def drop(self, score: Score) -> float:
+        """How much the budgeted metric fell compared with the float model."""
+        return self.reference_metric - score.metric
+
+    def _metric(self, outputs: dict[str, np.ndarray]) -> float:
+        if self.metric_name == "accuracy":
+            return float(metrics.task_accuracy(outputs, self.labels))
+        fidelity = metrics.compare_outputs(self.reference, outputs)
+        if self.metric_name == "top-1 agreement":
+            return min(f.top1_agreement for f in fidelity if f.top1_agreement is not None)
+        return min(f.cosine for f in fidelity)
+
+    def _fallback_metric_name(self) -> str:
+        if any(metrics.looks_like_class_scores(out) for out in self.reference.values()):
+            return "top-1 agreement"
+        return "output cosine"
+
+    def _outputs(self, model: ir.Model) -> dict[str, np.ndarray]:
+        return runtime.run_feeds(runtime.make_session(model), self.data.batches(EVAL_BATCH))
+
+
+def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    cand = np.asarray(candidate, dtype=np.float64).ravel()
+    norm = float(np.linalg.norm(ref))
+    if not np.all(np.isfinite(cand)):
+        return float("inf")
+    diff = float(np.linalg.norm(cand - ref))
+    return diff / norm if norm > 0 else diff
+
+
+def _covered_labels(data: CalibrationData) -> np.ndarray | None:
+    if data.labels is None:
+        return None
+    slices = data.batch_slices(EVAL_BATCH)
+    return data.labels[: slices[-1].stop] if slices else data.labels[:0]

@@ -1,0 +1,225 @@
+"""Build each quantized format from one prepared float model, and time them against each other.
+
+One `Formats` object serves one pass run: it holds the prepared float model, the calibration
+and held-out samples, the layers kept float, and a scratch folder. `build(mode)` returns a new
+quantized model; `latency_report()` times the result beside fp32 and the other formats.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxslim_tool import io
+from onnxslim_tool.data import CalibrationData
+from onnxslim_tool.quantization.evaluation import Judge
+from onnxslim_tool.quantization.gemm import gemm_to_matmul
+from onnxslim_tool.quantization.ort_backend import quantize_dynamic_int8, quantize_matmul_4bits
+from onnxslim_tool.quantization.probe import latencies
+from onnxslim_tool.quantization.static import WEIGHTED_OPS, StaticFlow, StaticOptions, StaticOutcome
+from onnxslim_tool.quantization.weight_only import (
+    FOLDED,
+    WEIGHT_INPUT,
+    quantize_layer_weights,
+    store_remaining_constants,
+)
+
+INT4_BLOCK = 32
+# onnxruntime runs dynamic int8 convolutions (ConvInteger) several times slower than float
+# (4.9x at batch 1, 16x at batch 64 on the sample CNN), so int8-dynamic gives convs int8 weights only.
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "Gather")
+# Layers computed in float store int8 weights as Cast * scale, which onnxruntime folds back to
+# float when the session starts. Its constant folding deliberately skips DequantizeLinear, so
+# a DequantizeLinear weight is re-expanded on every run and blocks pre-packed kernels: measured
+# 5.7x slower at batch 64 on the sample CNN (NCHWc convs need constant weights), 1.2x on the
+# MLP and the transformer; the folded form ran at fp32 speed on all three.
+WEIGHT_FORM = FOLDED
+LARGE_PROBE_BATCH = 64
+# Slower than fp32 means slower beyond timing noise.
+SLOWER_TOLERANCE = 1.05
+# Below this fp32 latency at batch 1 a model is dominated by per-run overhead, and a large
+# batch is timed as well to show the throughput picture.
+SMALL_MODEL_MS = 10.0
+
+
+@dataclass
+class Context:
+    float_model: ir.Model
+    per_channel: bool
+    excluded: dict[str, str]  # node name -> why it stays float
+    calibration: CalibrationData | None
+    holdout: CalibrationData | None
+    workdir: Path
+    static_options: StaticOptions
+
+
+class Formats:
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self._count = 0
+
+    # ----- the formats -------------------------------------------------------------------------
+
+    def build(self, mode: str, notes: list[str]) -> ir.Model:
+        builders = {
+            "int8": self.static,
+            "int8-dynamic": self.dynamic,
+            "int8-weights": self.weights_only,
+            "int4-weights": self.int4,
+        }
+        return builders[mode](notes)
+
+    def static(self, notes: list[str]) -> ir.Model:
+        outcome = self._static_flow(self.context.static_options)
+        self.context.excluded.update(outcome.excluded)
+        notes.extend(outcome.notes)
+        if outcome.score is not None:
+            notes.append(f"final int8 static model: held-out {outcome.score.describe()}")
+        return outcome.model
+
+    def _static_flow(self, options: StaticOptions) -> StaticOutcome:
+        ctx = self.context
+        options = replace(options, per_channel=ctx.per_channel, excluded=ctx.excluded)
+        return StaticFlow(
+            ctx.float_model, ctx.calibration, ctx.holdout, options, self._scratch("static")
+        ).run()
+
+    def dynamic(self, notes: list[str]) -> ir.Model:
+        ctx = self.context
+        workdir = self._scratch("dynamic")
+        path = workdir / "float.onnx"
+        io.save(ctx.float_model, path)
+        quantized = quantize_dynamic_int8(
+            path,
+            workdir / "dynamic.onnx",
+            per_channel=ctx.per_channel,
+            op_types=DYNAMIC_OPS,
+            nodes_to_exclude=list(ctx.excluded),
+        )
+        self._weights_for_the_rest(
+            quantized, notes, "onnxruntime's dynamic int8 convolution runs several times slower"
+        )
+        store_remaining_constants(quantized.graph)
+        return quantized
+
+    def weights_only(self, notes: list[str]) -> ir.Model:
+        ctx = self.context
+        model = io.load(ctx.float_model, lift_constants=False)
+        nodes = [n for n in model.graph if n.op_type in WEIGHT_INPUT and n.name not in ctx.excluded]
+        stored, skipped = quantize_layer_weights(
+            model.graph, nodes, per_channel=ctx.per_channel, form=WEIGHT_FORM
+        )
+        ctx.excluded.update(dict(skipped))
+        kept = store_remaining_constants(model.graph)
+        if stored:
+            notes.append(
+                f"{len(stored)} weight(s) and {len(kept)} other float constant(s) (biases, norms) stored as "
+                "int8 * scale; onnxruntime folds them back to float at session start, so the model runs at "
+                "float speed (a DequantizeLinear would be re-run on every inference)"
+            )
+        return model
+
+    def int4(self, notes: list[str]) -> ir.Model:
+        ctx = self.context
+        model = io.load(ctx.float_model, lift_constants=False)
+        converted = gemm_to_matmul(model.graph, skip=set(ctx.excluded))
+        if converted:
+            notes.append(f"{converted} Gemm(s) rewritten as MatMul + Add for MatMulNBits")
+        quantized = quantize_matmul_4bits(model, block_size=INT4_BLOCK, nodes_to_exclude=list(ctx.excluded))
+        self._weights_for_the_rest(quantized, notes, "onnxruntime has no 4-bit kernel for them")
+        store_remaining_constants(quantized.graph)
+        return quantized
+
+    def _weights_for_the_rest(self, model: ir.Model, notes: list[str], why: str) -> None:
+        """Weighted layers the main format left float get int8 weights (float compute)."""
+        ctx = self.context
+        rest = [n for n in model.graph if n.op_type in WEIGHTED_OPS and n.name not in ctx.excluded]
+        rest = [n for n in rest if _has_float_weight(n)]
+        if not rest:
+            return
+        stored, _skipped = quantize_layer_weights(
+            model.graph, rest, per_channel=ctx.per_channel, form=WEIGHT_FORM
+        )
+        if stored:
+            ops = ", ".join(f"{op} x{n}" for op, n in Counter(s.op_type for s in stored).items())
+            notes.append(f"{ops}: int8 weights only, float compute ({why})")
+
+    # ----- measurements ------------------------------------------------------------------------
+
+    def score(self, model: ir.Model) -> str | None:
+        ctx = self.context
+        if ctx.holdout is None:
+            return None
+        return Judge(ctx.float_model, ctx.holdout).score(model).describe()
+
+    def latency_report(self, mode: str, result: ir.Model) -> list[str]:
+        """Ratios to fp32 of the result and of the other formats; SLOWER lines when it is."""
+        feeds = self.probe_feeds()
+        if not feeds:
+            return ["latency not measured: no held-out samples"]
+        candidates = {"fp32": self.context.float_model, mode: result, **self._alternatives(mode)}
+        lines = []
+        for batch, feed in feeds:
+            timed = latencies(candidates, feed)
+            ratios = {name: ms / timed["fp32"] for name, ms in timed.items()}
+            listed = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
+            lines.append(
+                f"latency vs fp32 at batch {batch} (onnxruntime CPU, 1 thread, fp32 {timed['fp32']:.3g} ms): "
+                + listed
+            )
+            if ratios[mode] > SLOWER_TOLERANCE:
+                faster = sorted(
+                    (r, n) for n, r in ratios.items() if n not in (mode, "fp32") and r < ratios[mode]
+                )
+                hint = f"; {faster[0][1]} measured {faster[0][0]:.2f}x here" if faster else ""
+                lines.append(f"SLOWER than fp32 at batch {batch}: {mode} runs {ratios[mode]:.2f}x{hint}")
+            if timed["fp32"] >= SMALL_MODEL_MS:
+                break  # compute-bound already at batch 1: a large batch says nothing new
+        return lines
+
+    def _alternatives(self, mode: str) -> dict[str, ir.Model]:
+        """The other int8 formats, built quickly (no repairs, no search) for the comparison."""
+        others: dict[str, ir.Model] = {}
+        if mode != "int8" and self.context.calibration is not None:
+            quick = StaticOptions(
+                calibrator="minmax",
+                equalize=False,
+                bias_correction=False,
+                smoothquant=False,
+                activation_type="uint8",
+            )
+            others["int8 (static)"] = self._static_flow(quick).model
+        if mode != "int8-dynamic":
+            others["int8-dynamic"] = self.dynamic([])
+        if mode != "int8-weights":
+            others["int8-weights"] = self.weights_only([])
+        return others
+
+    def probe_feeds(self) -> list[tuple[int, dict]]:
+        """A batch of 1 and, when the model takes any batch size, a batch of up to 64."""
+        holdout = self.context.holdout
+        if holdout is None or len(holdout) == 0:
+            return []
+        feeds = [(1 if holdout.fixed_batch is None else holdout.fixed_batch, next(iter(holdout.batches(1))))]
+        large = min(LARGE_PROBE_BATCH, len(holdout))
+        if holdout.fixed_batch is None and not holdout.unbatched_inputs and large > 1:
+            feeds.append((large, next(iter(holdout.batches(large)))))
+        return feeds
+
+    def _scratch(self, label: str) -> Path:
+        self._count += 1
+        path = self.context.workdir / f"{label}{self._count}"
+        path.mkdir()
+        return path
+
+
+def _has_float_weight(node: ir.Node) -> bool:
+    from onnxslim_tool.graph_utils import const_array
+
+    index = WEIGHT_INPUT.get(node.op_type)
+    weight = node.inputs[index] if index is not None and len(node.inputs) > index else None
+    array = const_array(weight) if weight is not None and weight.is_initializer() else None
+    return array is not None and array.dtype.kind == "f"

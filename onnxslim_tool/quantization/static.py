@@ -1,0 +1,289 @@
+"""Static int8 (QDQ) quantization with measured repairs and mixed precision.
+
+The flow, each step measured on held-out calibration samples against the float model:
+calibrate once per float variant (ranges cached), pick the activation type by a latency
+probe, try cross-layer equalization, SmoothQuant and bias correction (each kept only when it
+lowers the output error), then keep the most sensitive layers float until the budget holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxslim_tool import io
+from onnxslim_tool.cost import analyze_cost
+from onnxslim_tool.data import CalibrationData
+from onnxslim_tool.graph_utils import const_array
+from onnxslim_tool.quantization import bias_correction, equalize, mixed_precision, smoothquant, tails
+from onnxslim_tool.quantization.calibration import Calibration, calibrate
+from onnxslim_tool.quantization.evaluation import Judge, Score
+from onnxslim_tool.quantization.ort_backend import StaticSettings, quantize_static_qdq, write_ranges
+from onnxslim_tool.quantization.probe import cpu_has_vnni, latencies
+from onnxslim_tool.quantization.weight_only import store_remaining_constants
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# MatMul-heavy models (transformers, MLPs): quantize the matmuls' inputs and weights and keep
+# their outputs float (onnxruntime fuses that into MatMulIntegerToFloat); elsewhere onnxruntime
+# keeps int8 flowing between ops (QLinearConv -> QLinearAdd -> ...), so every op it can is quantized.
+MATMUL_PROFILE_OPS = ("MatMul", "Gemm", "Conv")
+MATMUL_HEAVY_SHARE = 0.5
+INT8_MARGIN = 0.9
+
+
+@dataclass
+class StaticOptions:
+    calibrator: str = "minmax"
+    per_channel: bool = True
+    bias_correction: bool = True
+    equalize: bool = True
+    smoothquant: bool | None = None
+    max_drop: float | None = None
+    activation_type: str = "auto"
+    excluded: dict[str, str] = field(default_factory=dict)  # node name -> reason kept float
+
+
+@dataclass
+class Variant:
+    """A float model ready to quantize: its file and its cached activation ranges."""
+
+    model: ir.Model
+    path: Path
+    ranges_path: Path
+    calibration: Calibration
+    label: str
+
+
+@dataclass
+class StaticOutcome:
+    model: ir.Model
+    settings: StaticSettings
+    score: Score | None
+    excluded: dict[str, str]
+    notes: list[str]
+
+
+class StaticFlow:
+    def __init__(
+        self,
+        float_model: ir.Model,
+        calibration: CalibrationData,
+        holdout: CalibrationData,
+        options: StaticOptions,
+        workdir: Path,
+    ) -> None:
+        self.float_model = float_model
+        self.calibration = calibration
+        self.holdout = holdout
+        self.options = options
+        self.workdir = workdir
+        self.notes: list[str] = []
+        self.excluded = dict(options.excluded)
+        self.judge = Judge(float_model, holdout)
+        self._count = 0
+
+    # ----- building blocks ---------------------------------------------------------------------
+
+    def variant(self, model: ir.Model, label: str, ranges_from: Variant | None = None) -> Variant:
+        """Write `model`; calibrate it, or reuse the ranges of `ranges_from`."""
+        path = self.workdir / f"{label}.onnx"
+        io.save(model, path)
+        if ranges_from is not None:
+            return Variant(model, path, ranges_from.ranges_path, ranges_from.calibration, label)
+        result = calibrate(path, self.calibration, self.options.calibrator, self.workdir)
+        ranges = write_ranges(result, self.workdir / f"{label}_ranges.json")
+        return Variant(model, path, ranges, result, label)
+
+    def quantize(self, variant: Variant, settings: StaticSettings) -> ir.Model:
+        self._count += 1
+        out = self.workdir / f"q{self._count}.onnx"
+        quantized = quantize_static_qdq(
+            variant.path, variant.ranges_path, self.options.calibrator, settings, out
+        )
+        out.unlink(missing_ok=True)
+        store_remaining_constants(quantized.graph)
+        return quantized
+
+    # ----- the flow ----------------------------------------------------------------------------
+
+    def run(self) -> StaticOutcome:
+        best = self.variant(self.float_model, "float")
+        self.notes.append(best.calibration.describe())
+        settings = self.initial_settings(best)
+        settings = self.choose_activation_type(best, settings)
+        score = self.judge.score(self.quantize(best, settings))
+        self.notes.append(f"int8 static: held-out {score.describe()}")
+        if self.options.equalize:
+            best, score = self.try_equalization(best, settings, score)
+        if self._smoothquant_wanted():
+            best, score = self.try_smoothquant(best, settings, score)
+        if self.options.bias_correction:
+            best, score = self.try_bias_correction(best, settings, score)
+        if self.options.max_drop is not None:
+            settings, score = self.mixed_precision(best, settings, score)
+        final = self.quantize(best, settings)
+        return StaticOutcome(final, settings, score, self.excluded, self.notes)
+
+    def initial_settings(self, variant: Variant) -> StaticSettings:
+        for node in variant.model.graph:
+            if node.op_type == "MatMul" and const_array(node.inputs[1]) is None:
+                self.excluded.setdefault(node.name, "MatMul of two activations kept float: it has no weight")
+        for tail in tails.heterogeneous_tails(variant.model, variant.calibration.ranges):
+            for name in tail.nodes:
+                self.excluded.setdefault(name, f"kept float: {tail.reason}")
+            self.notes.append(f"float tail: {tail.reason}")
+        profile = (
+            {"op_types": MATMUL_PROFILE_OPS, "float_output_ops": ("MatMul", "Gemm")}
+            if self.matmul_heavy
+            else {}
+        )
+        reduce_range = cpu_has_vnni() is False
+        if reduce_range:
+            self.notes.append(
+                "CPU without VNNI: weights use 7 bits (reduce_range) to avoid u8 x s8 saturation"
+            )
+        return StaticSettings(
+            activation_type="uint8"
+            if self.options.activation_type == "auto"
+            else self.options.activation_type,
+            per_channel=self.options.per_channel,
+            reduce_range=reduce_range,
+            nodes_to_exclude=tuple(self.excluded),
+            **profile,
+        )
+
+    @cached_property
+    def matmul_heavy(self) -> bool:
+        return matmul_share(self.float_model) >= MATMUL_HEAVY_SHARE
+
+    def choose_activation_type(self, variant: Variant, settings: StaticSettings) -> StaticSettings:
+        if self.options.activation_type != "auto":
+            return settings
+        candidates = {
+            kind: self.quantize(variant, replace(settings, activation_type=kind))
+            for kind in ("uint8", "int8")
+        }
+        timed = latencies({"fp32": variant.model, **candidates}, self.probe_feed())
+        # uint8 unless int8 is clearly faster: asymmetric uint8 fits post-ReLU ranges better,
+        # and a margin keeps the choice stable from run to run.
+        chosen = "int8" if timed["int8"] < INT8_MARGIN * timed["uint8"] else "uint8"
+        self.notes.append(
+            "activation type by latency probe (batch 1): "
+            + ", ".join(f"{name} {ms:.3f} ms" for name, ms in timed.items())
+            + f" -> {chosen}"
+        )
+        return replace(settings, activation_type=chosen)
+
+    def try_equalization(
+        self, best: Variant, settings: StaticSettings, score: Score
+    ) -> tuple[Variant, Score]:
+        candidate = io.load(best.model, lift_constants=False)
+        done, _skipped = equalize.equalize(candidate.graph)
+        if not done:
+            self.notes.append("cross-layer equalization: no Conv/Gemm -> ReLU -> Conv/Gemm pairs found")
+            return best, score
+        variant = self.variant(candidate, "equalized")
+        return self._keep_if_better(
+            "cross-layer equalization", f"{len(done)} pair(s)", best, variant, settings, score
+        )
+
+    def try_smoothquant(self, best: Variant, settings: StaticSettings, score: Score) -> tuple[Variant, Score]:
+        candidate = io.load(best.model, lift_constants=False)
+        done = smoothquant.smooth(candidate.graph, best.model, self.calibration.batches(8))
+        if not done:
+            self.notes.append("SmoothQuant: no LayerNormalization feeding only MatMul/Gemm weights")
+            return best, score
+        variant = self.variant(candidate, "smoothed")
+        spread = max(d.activation_spread_before for d in done), max(d.activation_spread_after for d in done)
+        what = f"{len(done)} site(s), activation channel spread {spread[0]:.1f}x -> {spread[1]:.1f}x"
+        return self._keep_if_better("SmoothQuant", what, best, variant, settings, score)
+
+    def try_bias_correction(
+        self, best: Variant, settings: StaticSettings, score: Score
+    ) -> tuple[Variant, Score]:
+        layers = [
+            n.name for n in best.model.graph if n.op_type in WEIGHTED_OPS and n.name not in self.excluded
+        ]
+        quantized = self.quantize(best, settings)
+        corrected, done, _skipped = bias_correction.correct_biases(
+            best.model, quantized, layers, self.calibration
+        )
+        if not done:
+            self.notes.append("bias correction: no quantized layer has a bias to correct")
+            return best, score
+        variant = self.variant(corrected, "bias_corrected", ranges_from=best)
+        what = f"{len(done)} layer(s), mean |shift| up to {max(d.mean_abs_shift for d in done):.3g}"
+        return self._keep_if_better("bias correction", what, best, variant, settings, score)
+
+    def _keep_if_better(
+        self,
+        repair: str,
+        what: str,
+        best: Variant,
+        candidate: Variant,
+        settings: StaticSettings,
+        score: Score,
+    ) -> tuple[Variant, Score]:
+        new = self.judge.score(self.quantize(candidate, settings))
+        kept = new.rel_error < score.rel_error
+        self.notes.append(
+            f"{repair} ({what}): held-out output error {score.rel_error:.4f} -> {new.rel_error:.4f}, "
+            f"{score.metric_name} {score.metric:.4f} -> {new.metric:.4f}: "
+            + ("kept" if kept else "not kept (no gain)")
+        )
+        return (candidate, new) if kept else (best, score)
+
+    def mixed_precision(
+        self, best: Variant, settings: StaticSettings, score: Score
+    ) -> tuple[StaticSettings, Score]:
+        layers = [
+            n.name for n in best.model.graph if n.op_type in WEIGHTED_OPS and n.name not in self.excluded
+        ]
+
+        def quantize(only: Sequence[str], exclude: Sequence[str]) -> ir.Model:
+            trial = replace(
+                settings,
+                nodes_to_quantize=tuple(only),
+                nodes_to_exclude=settings.nodes_to_exclude + tuple(exclude),
+            )
+            return self.quantize(best, trial)
+
+        result = mixed_precision.search(layers, quantize, self.judge, self.options.max_drop)
+        for cost in result.kept_float:
+            self.excluded[cost.layer] = f"kept float by mixed precision: {cost.describe()}"
+        status = "met" if result.met else "NOT met even with every ranked layer float"
+        self.notes.append(
+            f"mixed precision (budget {self.options.max_drop:.4f} {self.judge.metric_name} drop, "
+            "held-out): "
+            f"drop {result.drop_before:.4f} -> {result.drop_after:.4f}, {len(result.kept_float)} layer(s) "
+            f"kept float, budget {status}"
+        )
+        if not result.kept_float:
+            return settings, score
+        settings = replace(settings, nodes_to_exclude=tuple(self.excluded))
+        return settings, self.judge.score(self.quantize(best, settings))
+
+    def _smoothquant_wanted(self) -> bool:
+        if self.options.smoothquant is None:
+            return self.matmul_heavy
+        return self.options.smoothquant
+
+    def probe_feed(self) -> dict:
+        return next(iter(self.holdout.batches(1)))
+
+
+def matmul_share(model: ir.Model) -> float:
+    """Fraction of the model's MACs spent in MatMul/Gemm with a constant weight."""
+    try:
+        cost = analyze_cost(model)
+    except Exception:
+        return 0.0
+    total = sum(layer.macs for layer in cost.layers)
+    dense = sum(
+        layer.macs for layer in cost.layers if layer.op_type in ("MatMul", "Gemm") and layer.kind == "weight"
+    )
+    return dense / total if total else 0.0

@@ -1,0 +1,178 @@
+"""The small pieces: detection, weight-only storage, Gemm rewrite, compaction, tail detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import quant_models as qm
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationMethod, TensorsData
+
+from onnxslim_tool import io, runtime
+from onnxslim_tool.quantization.compact import compact, restore_layer_names
+from onnxslim_tool.quantization.detect import is_quantized
+from onnxslim_tool.quantization.gemm import gemm_to_matmul
+from onnxslim_tool.quantization.tails import heterogeneous_tails
+from onnxslim_tool.quantization.weight_only import (
+    FOLDED,
+    MIN_ELEMENTS,
+    quantize_layer_weights,
+    store_remaining_constants,
+)
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    return runtime.run_model(model, [{"x": x}])["y"]
+
+
+def _gemm_model(trans_b: int, alpha: float = 1.0, beta: float = 1.0, out_features: int = 32) -> ir.Model:
+    rng = np.random.default_rng(0)
+    shape = (out_features, 16) if trans_b else (16, out_features)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(out_features).astype(np.float32), "b"),
+    ]
+    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_features])],
+        inits,
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+X = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("op", "domain"),
+    [("QLinearConv", ""), ("MatMulInteger", ""), ("DequantizeLinear", ""), ("MatMulNBits", "com.microsoft")],
+)
+def test_quantized_operators_are_recognised(op, domain):
+    model = _gemm_model(0)
+    model.graph.append(ir.node(op, [model.graph.inputs[0]], domain=domain, name="q"))
+    reason = is_quantized(model)
+    assert reason == f"model is already quantized (found {op} x1); give the float model instead"
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_weight_only_int8_stays_close_with_per_channel_scales(trans_b):
+    model = _gemm_model(trans_b)
+    before = _run(model, X)
+    stored, skipped = quantize_layer_weights(model.graph, list(model.graph), per_channel=True)
+    assert [s.layer for s in stored] == ["fc"] and not skipped
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    assert dq.attributes["axis"].value == (0 if trans_b else 1)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    after = _run(model, X)
+    assert np.linalg.norm(after - before) / np.linalg.norm(before) < 0.01
+
+
+def test_tiny_weights_are_left_float_with_a_reason():
+    model = _gemm_model(0, out_features=1)  # 16 weights
+    assert MIN_ELEMENTS > 16
+    stored, skipped = quantize_layer_weights(model.graph, list(model.graph), per_channel=True)
+    assert not stored and "int8 would save less" in skipped[0][1]
+
+
+def test_remaining_constants_are_stored_only_when_int8_barely_moves_them():
+    model = _gemm_model(0, out_features=64)
+    bias = model.graph.initializers["b"]
+    spiky = np.zeros(64, np.float32)
+    spiky[0], spiky[1:] = 1000.0, np.linspace(0.1, 1.0, 63)  # one outlier: small entries would round away
+    bias.const_value = ir.tensor(spiky, name="b")
+    assert store_remaining_constants(model.graph) == []
+    bias.const_value = ir.tensor(np.linspace(-1.0, 1.0, 64, dtype=np.float32), name="b")
+    before = _run(model, X)
+    assert store_remaining_constants(model.graph) == ["b"]
+    assert np.abs(_run(model, X) - before).max() < 1e-2
+
+
+@pytest.mark.parametrize(("trans_b", "alpha", "beta"), [(0, 1.0, 1.0), (1, 0.5, 2.0)])
+def test_gemm_becomes_matmul_plus_add_with_the_same_outputs(trans_b, alpha, beta):
+    model = _gemm_model(trans_b, alpha, beta)
+    before = _run(model, X)
+    assert gemm_to_matmul(model.graph, skip=set()) == 1
+    assert [n.op_type for n in model.graph] == ["MatMul", "Add"]
+    assert model.graph.outputs[0].name == "y"
+    np.testing.assert_allclose(_run(model, X), before, rtol=1e-5, atol=1e-4)
+
+
+def test_compaction_keeps_outputs_public_names_and_layer_names(tmp_path):
+    model = io.load(qm.conv_model(opset=17))
+    quantize_layer_weights(model.graph, list(model.graph), per_channel=True)
+    model.opset_imports["com.microsoft.nchwc"] = 1  # as onnxruntime's optimizer leaves them
+    x = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    before, size_before = _run(model, x), io.serialized_size(model)
+    compact(model, keep_node_names={"conv1", "relu", "conv2"})
+    assert np.array_equal(_run(model, x), before)
+    assert [v.name for v in model.graph.inputs] == ["x"] and [v.name for v in model.graph.outputs] == ["y"]
+    assert {n.name for n in model.graph if n.op_type != "DequantizeLinear"} == {"conv1", "relu", "conv2"}
+    assert all(n.name is None or n.name == "" for n in model.graph if n.op_type == "DequantizeLinear")
+    assert "com.microsoft.nchwc" not in model.opset_imports
+    assert io.serialized_size(model) < size_before
+
+
+def test_a_renamed_replacement_takes_its_layer_name_back():
+    model = _gemm_model(0)
+    gemm = next(iter(model.graph))
+    helper_node = ir.node("Identity", [model.graph.inputs[0]], name="fc_MatMul_quant_scales_mul")
+    model.graph.insert_before(gemm, helper_node)
+    gemm.name = "fc_MatMul_quant"
+    restore_layer_names(model, {"fc"})
+    assert gemm.name == "fc" and helper_node.name == "fc_MatMul_quant_scales_mul"
+
+
+def test_tail_detection_needs_a_real_range_gap():
+    model = ir.from_proto(qm.boxes_and_scores_model())
+
+    def ranges(box_max: float) -> TensorsData:
+        entries = {"boxes": (np.float32(0), np.float32(box_max)), "scores": (np.float32(0), np.float32(1))}
+        return TensorsData(CalibrationMethod.MinMax, entries)
+
+    tails = heterogeneous_tails(model, ranges(320.0))
+    assert len(tails) == 1 and tails[0].nodes == ["concat"] and "320" in tails[0].reason
+    assert heterogeneous_tails(model, ranges(4.0)) == []
+
+
+def test_folded_int8_storage_is_restored_to_float_by_onnxruntime_at_load(tmp_path):
+    import onnxruntime as ort
+
+    model = _gemm_model(1)
+    before = _run(model, X)
+    quantize_layer_weights(model.graph, list(model.graph), per_channel=True, form=FOLDED)
+    assert [n.op_type for n in model.graph] == ["Cast", "Mul", "Gemm"]
+    assert is_quantized(model) == (
+        "model is already quantized (found Cast of int8 weights x1); give the float model instead"
+    )
+    assert np.linalg.norm(_run(model, X) - before) / np.linalg.norm(before) < 0.01
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node] == ["Gemm"]
+
+
+def test_latency_report_flags_a_slower_result_and_names_the_faster_format(monkeypatch, tmp_path):
+    from onnxslim_tool.quantization import formats as formats_module
+    from onnxslim_tool.quantization.formats import Context, Formats
+    from onnxslim_tool.quantization.static import StaticOptions
+
+    model = io.load(qm.bias_shift_model())
+    calib, holdout = qm.data((16,), 32, 1, mean=5), qm.data((16,), 16, 2, mean=5)
+    context = Context(model, True, {}, calib, holdout, tmp_path, StaticOptions())
+    fake = {"fp32": 1.0, "int8-dynamic": 1.5, "int8 (static)": 0.7, "int8-weights": 1.0, "dequantize": 1.0}
+    fake["folded"] = 1.0
+    monkeypatch.setattr(formats_module, "latencies", lambda models, feed: {n: fake[n] for n in models})
+    lines = Formats(context).latency_report("int8-dynamic", model)
+    assert lines[0] == (
+        "latency vs fp32 at batch 1 (onnxruntime CPU, 1 thread, fp32 1 ms): "
+        "fp32 1.00x, int8-dynamic 1.50x, int8 (static) 0.70x, int8-weights 1.00x"
+    )
+    assert (
+        lines[1] == "SLOWER than fp32 at batch 1: int8-dynamic runs 1.50x; int8 (static) measured 0.70x here"
+    )
+    assert lines[2].startswith("latency vs fp32 at batch 16 ")
