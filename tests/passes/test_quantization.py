@@ -86,9 +86,8 @@ def test_already_quantized_model_is_refused_with_one_line(tmp_path):
     assert "MatMulInteger" in reason and "\n" not in reason
     with pytest.raises(PassError, match="already quantized"):
         Quantize("int8")(quantized)
-    result = api.compress(quantized_path, calib, passes=[Quantize("int8")])
-    assert result.steps[0].status == "rolled back"
-    assert "already quantized" in result.steps[0].reason
+    with pytest.raises(PassError, match="already quantized"):  # the whole run refuses up front
+        api.compress(quantized_path, calib, passes=[Quantize("int8")])
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
