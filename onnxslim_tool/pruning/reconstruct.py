@@ -1,0 +1,550 @@
+"""Least-squares refit of the layers that read pruned channels (He et al. 2017; DPP "fusion").
+
+After slicing, each consumer (Conv, Gemm, MatMul with a constant weight) reads fewer input
+channels. Its weights and bias are refit so that, on calibration data, its output matches
+the ORIGINAL model's output of the same layer:
+
+    min_{W, b}  ||X W + b - Y||^2 + lam ||W - W0||^2
+
+- X: the layer's inputs in the *pruned* model (convolution patches at sampled positions),
+  so errors made upstream are compensated too;
+- Y: the original layer's output at the same positions (kept output channels only);
+- W0: the sliced weights. The ridge pulls toward them rather than toward zero, so scarce
+  data cannot drag a layer far from what it was;
+- b: unpenalised. It absorbs the removed channels' mean contribution, which is what keeps
+  BN-folded biases and non-zero-mean activations (SiLU) from shifting every pre-activation.
+
+Everything is solved in float64 from streamed sufficient statistics (X^T X, X^T Y), so
+memory is O(d^2) per layer whatever the amount of data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import scipy.linalg
+
+from onnxslim_tool import runtime
+from onnxslim_tool.graph_utils import add_initializer, attr, const_array
+
+# Ridge strength relative to the mean diagonal of X^T X (the mean squared input).
+DEFAULT_ALPHA = 1e-3
+# Inputs per output of one least-squares problem: its Gram matrix takes 8*n^2 bytes (0.5 GB).
+MAX_FIT_INPUTS = 8192
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+
+
+# ----- convolution patches ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Where a Conv reads its input: kernel, strides, dilations, begin/end pads, groups."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+    group: int = 1
+
+    @classmethod
+    def of(cls, node: ir.Node, weight_shape: Sequence[int], input_spatial: Sequence[int]) -> ConvGeometry:
+        kernel = tuple(int(k) for k in attr(node, "kernel_shape", weight_shape[2:]))
+        nd = len(kernel)
+        strides = tuple(attr(node, "strides", [1] * nd))
+        dilations = tuple(attr(node, "dilations", [1] * nd))
+        auto_pad = attr(node, "auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begin, end = _same_pads(kernel, strides, dilations, input_spatial, upper=auto_pad == "SAME_UPPER")
+        elif auto_pad == "VALID":
+            begin = end = (0,) * nd
+        else:
+            pads = tuple(attr(node, "pads", [0] * (2 * nd)))
+            begin, end = pads[:nd], pads[nd:]
+        return cls(kernel, strides, dilations, begin, end, int(attr(node, "group", 1)))
+
+    def output_spatial(self, input_spatial: Sequence[int]) -> tuple[int, ...]:
+        return tuple(
+            (size + b + e - d * (k - 1) - 1) // s + 1
+            for size, b, e, d, k, s in zip(
+                input_spatial,
+                self.pads_begin,
+                self.pads_end,
+                self.dilations,
+                self.kernel,
+                self.strides,
+                strict=True,
+            )
+        )
+
+
+def _same_pads(
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    spatial: Sequence[int],
+    upper: bool,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    begin, end = [], []
+    for k, s, d, size in zip(kernel, strides, dilations, spatial, strict=True):
+        total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begin.append(small if upper else large)
+        end.append(large if upper else small)
+    return tuple(begin), tuple(end)
+
+
+def conv_patches(
+    x: np.ndarray, geometry: ConvGeometry, samples: np.ndarray, coords: np.ndarray
+) -> np.ndarray:
+    """im2col at chosen output positions: [rows, channels, kernel elements].
+
+    `samples[r]` is the batch index and `coords[r]` the output coordinates of row r. The
+    kernel elements follow the weight's C-order (kh, kw, ...), so `patches[r] * W[o]` summed
+    is output o at that position; taps falling in the padding read zeros.
+    """
+    rows, channels = len(samples), x.shape[1]
+    spatial = np.asarray(x.shape[2:])
+    offsets = list(itertools.product(*(range(k) for k in geometry.kernel)))
+    patches = np.zeros((rows, channels, len(offsets)), dtype=x.dtype)
+    base = coords * np.asarray(geometry.strides) - np.asarray(geometry.pads_begin)
+    for j, offset in enumerate(offsets):
+        taps = base + np.asarray(offset) * np.asarray(geometry.dilations)
+        inside = np.all((taps >= 0) & (taps < spatial), axis=1)
+        index = (samples[inside], slice(None), *taps[inside].T)
+        patches[inside, :, j] = x[index]
+    return patches
+
+
+def sample_positions(
+    shape: Sequence[int], count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` distinct (batch index, spatial coordinates) pairs of a [N, *spatial] grid, sorted."""
+    total = int(np.prod(shape))
+    flat = np.arange(total) if count >= total else np.sort(rng.choice(total, count, replace=False))
+    unraveled = np.unravel_index(flat, tuple(shape))
+    return unraveled[0], np.stack(unraveled[1:], axis=1) if len(shape) > 1 else np.zeros((len(flat), 0), int)
+
+
+# ----- layers the refit understands -------------------------------------------------------------
+
+
+class LinearLayer:
+    """A layer computing Y = sum over inputs of X * W (+ b), seen uniformly.
+
+    Inputs appear as [rows, in_channels, taps] (taps = kernel elements for a Conv, 1 for a
+    matrix product) and weights as [out_channels, in_channels / groups, taps].
+    """
+
+    groups = 1
+    fits_bias = True
+
+    def __init__(self, node: ir.Node) -> None:
+        self.node = node
+        self.input = node.inputs[0]
+        self.output = node.outputs[0]
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.output.name
+
+    def rows(
+        self, x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator, count: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sampled inputs [rows, in, taps] and the matching outputs [rows, out] (when `y` given)."""
+        raise NotImplementedError
+
+    def weight(self) -> np.ndarray:
+        """The weight as float64 [outputs, inputs / groups, taps]."""
+        raise NotImplementedError
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int]:
+        """`weight().shape` without materialising the weight."""
+        raise NotImplementedError
+
+    def bias(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def write(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class ConvLayer(LinearLayer):
+    def __init__(self, node: ir.Node) -> None:
+        super().__init__(node)
+        self.groups = int(attr(node, "group", 1))
+        self._w = node.inputs[1]
+        self._b = node.inputs[2] if len(node.inputs) > 2 else None
+
+    def rows(self, x, y, rng, count):
+        geometry = ConvGeometry.of(self.node, self._w.shape, x.shape[2:])
+        out_spatial = geometry.output_spatial(x.shape[2:]) if y is None else y.shape[2:]
+        samples, coords = sample_positions((x.shape[0], *out_spatial), count, rng)
+        patches = conv_patches(x, geometry, samples, coords)
+        picked = None if y is None else y[(samples, slice(None), *coords.T)]
+        return patches, picked
+
+    def weight(self):
+        w = const_array(self._w).astype(np.float64)
+        return w.reshape(w.shape[0], w.shape[1], -1)
+
+    @property
+    def weight_shape(self):
+        shape = const_array(self._w).shape
+        return shape[0], shape[1], math.prod(shape[2:])
+
+    def bias(self):
+        array = const_array(self._b) if self._b is not None else None
+        return np.zeros(self._w.shape[0]) if array is None else array.astype(np.float64).ravel()
+
+    def write(self, weight, bias):
+        shape = tuple(self._w.shape)
+        _set_const(self._w, weight.reshape(shape))
+        if self._b is not None and self._b.const_value is not None:
+            _set_const(self._b, bias)
+        else:
+            self._b = _attach_input(self.node, 2, bias, f"{self._w.name}_bias", self._w.dtype)
+
+
+class GemmLayer(LinearLayer):
+    """Y = alpha * A B' + beta * C with constant B (either orientation) and A not transposed."""
+
+    def __init__(self, node: ir.Node) -> None:
+        super().__init__(node)
+        self._alpha = float(attr(node, "alpha", 1.0))
+        self._beta = float(attr(node, "beta", 1.0))
+        self._trans_b = int(attr(node, "transB", 0))
+        self._w = node.inputs[1]
+        self._c = node.inputs[2] if len(node.inputs) > 2 else None
+
+    def rows(self, x, y, rng, count):
+        pick = sample_positions((x.shape[0],), count, rng)[0]
+        return x[pick][:, :, None], None if y is None else y[pick]
+
+    def weight(self):
+        b = const_array(self._w).astype(np.float64)
+        return (self._alpha * (b if self._trans_b else b.T))[:, :, None]
+
+    @property
+    def weight_shape(self):
+        rows, cols = const_array(self._w).shape
+        return (rows, cols, 1) if self._trans_b else (cols, rows, 1)
+
+    def bias(self):
+        c = const_array(self._c) if self._c is not None else None
+        outputs = self._w.shape[0 if self._trans_b else 1]
+        return (
+            np.zeros(outputs) if c is None else np.broadcast_to(self._beta * c, (outputs,)).astype(np.float64)
+        )
+
+    def write(self, weight, bias):
+        matrix = weight[:, :, 0] / self._alpha
+        _set_const(self._w, matrix if self._trans_b else matrix.T)
+        if self._c is not None and self._c.const_value is not None and self._beta != 0:
+            _set_const(self._c, (bias / self._beta).reshape(self._c.shape))
+            return
+        self.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        self._beta = 1.0
+        self._c = _attach_input(self.node, 2, bias, f"{self._w.name}_bias", self._w.dtype)
+
+
+class MatMulLayer(LinearLayer):
+    """X @ B with a constant 2-D B; the bias, when any, lives in the Add that follows."""
+
+    def __init__(self, node: ir.Node, bias_holder: ir.Value | None) -> None:
+        super().__init__(node)
+        self._w = node.inputs[1]
+        self._holder = bias_holder
+        self.fits_bias = bias_holder is not None
+
+    def rows(self, x, y, rng, count):
+        flat = x.reshape(-1, x.shape[-1])
+        pick = sample_positions((flat.shape[0],), count, rng)[0]
+        return flat[pick][:, :, None], None if y is None else y.reshape(-1, y.shape[-1])[pick]
+
+    def weight(self):
+        return const_array(self._w).astype(np.float64).T[:, :, None]
+
+    @property
+    def weight_shape(self):
+        rows, cols = const_array(self._w).shape
+        return cols, rows, 1
+
+    def bias(self):
+        return np.zeros(self._w.shape[1])  # the MatMul's own output has none
+
+    def write(self, weight, bias):
+        _set_const(self._w, weight[:, :, 0].T)
+        if self._holder is not None:
+            held = const_array(self._holder)
+            _set_const(self._holder, held + bias.reshape(held.shape))
+
+
+def as_linear_layer(node: ir.Node) -> LinearLayer | str:
+    """The layer view of `node`, or the reason it cannot be refit."""
+    if node.op_type in ("Conv", "Gemm", "MatMul") and node.domain not in ("", "ai.onnx"):
+        return f"{node.op_type} in domain '{node.domain}'"
+    if len(node.inputs) < 2 or node.inputs[1] is None or const_array(node.inputs[1]) is None:
+        return f"{node.op_type} without a constant weight"
+    if node.inputs[1].dtype not in _FLOAT_TYPES:
+        return f"{node.op_type} with non-float weights"
+    if node.op_type == "Conv":
+        return _check_bias(node, 2) or ConvLayer(node)
+    if node.op_type == "Gemm":
+        if attr(node, "transA", 0):
+            return "Gemm with transA=1"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
+            return "Gemm whose C input is not a constant"
+        return GemmLayer(node)
+    if node.op_type == "MatMul":
+        if const_array(node.inputs[1]).ndim != 2:
+            return "MatMul whose constant operand is not 2-D"
+        return MatMulLayer(node, _bias_holder(node))
+    return f"{node.op_type} is not a Conv, Gemm or MatMul"
+
+
+def _check_bias(node: ir.Node, index: int) -> str | None:
+    if (
+        len(node.inputs) > index
+        and node.inputs[index] is not None
+        and const_array(node.inputs[index]) is None
+    ):
+        return f"{node.op_type} whose bias is not a constant"
+    return None
+
+
+def _bias_holder(node: ir.Node) -> ir.Value | None:
+    """The constant vector of an Add that alone follows a MatMul (a Linear layer's bias)."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output() or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].idx]
+    value = const_array(other)
+    width = node.inputs[1].shape[1] if node.inputs[1].shape is not None else None
+    if value is None or value.size != width or value.shape[-1] != width:
+        return None
+    if len(list(other.uses())) != 1 or other.is_graph_input():
+        return None  # shared: writing it would change another layer
+    return other
+
+
+def _set_const(value: ir.Value, array: np.ndarray) -> None:
+    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    cast = np.ascontiguousarray(np.asarray(array).astype(dtype))
+    value.const_value = ir.tensor(cast, name=value.name)
+    value.shape = ir.Shape(cast.shape)
+
+
+def _attach_input(node: ir.Node, index: int, array: np.ndarray, hint: str, dtype) -> ir.Value:
+    graph = node.graph
+    value = add_initializer(graph, array.astype(dtype.numpy() if dtype is not None else np.float32), hint)
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+    return value
+
+
+# ----- the fit ----------------------------------------------------------------------------------
+
+
+class FitStats:
+    """Running X^T X, X^T Y and ||Y||^2 of one least-squares problem, with a ones column."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        self.gram = np.zeros((inputs + 1, inputs + 1))
+        self.cross = np.zeros((inputs + 1, outputs))
+        self.target_sq = 0.0
+        self.rows = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        xa = np.hstack([np.asarray(x, dtype=np.float64), np.ones((x.shape[0], 1))])
+        y = np.asarray(y, dtype=np.float64)
+        self.gram += xa.T @ xa
+        self.cross += xa.T @ y
+        self.target_sq += float((y**2).sum())
+        self.rows += x.shape[0]
+
+    def residual(self, weight: np.ndarray, bias: np.ndarray) -> float:
+        """||X W + b - Y||^2 for W [inputs, outputs], b [outputs]."""
+        wa = np.vstack([weight, bias[None, :]])
+        value = self.target_sq - 2.0 * float((wa * self.cross).sum()) + float((wa * (self.gram @ wa)).sum())
+        return max(value, 0.0)
+
+
+def ridge_solve(
+    stats: FitStats, w0: np.ndarray, b0: np.ndarray, alpha: float = DEFAULT_ALPHA, fit_bias: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """argmin ||X W + b - Y||^2 + lam ||W - W0||^2, lam = alpha * mean diag(X^T X); b free."""
+    d = w0.shape[0]
+    scale = float(np.trace(stats.gram[:d, :d])) / max(d, 1)
+    lam = alpha * scale if scale > 0 else alpha
+    if fit_bias:
+        penalty = np.diag(np.r_[np.full(d, lam), 0.0])
+        solution = _solve_pd(stats.gram + penalty, stats.cross + penalty @ np.vstack([w0, b0[None, :]]))
+        return solution[:d], solution[d]
+    # Bias held at b0: fit X W ~ Y - b0.
+    rhs = stats.cross[:d] - np.outer(stats.gram[:d, d], b0) + lam * w0
+    return _solve_pd(stats.gram[:d, :d] + lam * np.eye(d), rhs), b0.copy()
+
+
+def _solve_pd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    try:
+        return scipy.linalg.solve(matrix, rhs, assume_a="pos")
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+
+
+@dataclass
+class Refit:
+    """One layer's refit: relative output error (vs the original layer) before and after."""
+
+    layer: str
+    error_before: float
+    error_after: float
+    rows: int
+    applied: bool
+    reason: str = ""
+
+    def note(self) -> str:
+        if self.reason:
+            return f"not refit {self.layer}: {self.reason}"
+        verb = "refit" if self.applied else "kept slice (refit did not help)"
+        errors = f"rel. error {self.error_before:.3g} -> {self.error_after:.3g}"
+        return f"{verb} {self.layer}: {errors} ({self.rows} rows)"
+
+
+class _Problem:
+    """The per-group least-squares problems of one layer, fed batch by batch."""
+
+    def __init__(self, layer: LinearLayer, kept_outputs: np.ndarray, seed: int, rows_per_batch: int) -> None:
+        self.layer = layer
+        self.kept = kept_outputs
+        self.rng = np.random.default_rng(seed)
+        self.rows_per_batch = rows_per_batch
+        outputs, inputs, taps = layer.weight_shape
+        self.block_out = outputs // layer.groups
+        self.block_in = inputs
+        self.stats = [FitStats(inputs * taps, self.block_out) for _ in range(layer.groups)]
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        patches, target = self.layer.rows(x, y, self.rng, self.rows_per_batch)
+        target = target[:, self.kept]
+        for g, stats in enumerate(self.stats):
+            block = patches[:, g * self.block_in : (g + 1) * self.block_in]
+            stats.add(
+                block.reshape(block.shape[0], -1), target[:, g * self.block_out : (g + 1) * self.block_out]
+            )
+
+    def solve(self, alpha: float) -> Refit:
+        w, b = self.layer.weight(), self.layer.bias()
+        new_w, new_b = np.empty_like(w), np.empty_like(b)
+        before = after = total = 0.0
+        for g, stats in enumerate(self.stats):
+            out = slice(g * self.block_out, (g + 1) * self.block_out)
+            w0 = w[out].reshape(self.block_out, -1).T
+            fit_w, fit_b = ridge_solve(stats, w0, b[out], alpha, fit_bias=self.layer.fits_bias)
+            before += stats.residual(w0, b[out])
+            after += stats.residual(fit_w, fit_b)
+            total += stats.target_sq
+            new_w[out] = fit_w.T.reshape(w[out].shape)
+            new_b[out] = fit_b
+        applied = after < before
+        if applied:
+            self.layer.write(new_w, new_b)
+        rel = (lambda v: math.sqrt(v / total)) if total > 0 else (lambda v: 0.0)
+        return Refit(self.layer.name, rel(before), rel(after), self.stats[0].rows, applied)
+
+
+def refit_layers(
+    pruned: ir.Model,
+    original: ir.Model,
+    layers: Sequence[LinearLayer],
+    feeds: Sequence[runtime.Feed],
+    kept_outputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    max_rows: int = 20000,
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+) -> list[Refit]:
+    """Refit `layers` of `pruned` (in place) toward the same layers of `original`.
+
+    `kept_outputs[output name]` lists which of the original layer's output channels the
+    pruned layer still produces (default: all). Layers are processed in waves: a wave holds
+    the layers none of the still-pending ones feed, so each fit sees the upstream refits.
+    """
+    kept_outputs = kept_outputs or {}
+    rows_per_batch = max(1, math.ceil(max_rows / max(1, len(feeds))))
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    results: list[Refit] = []
+    pending = []
+    for layer in layers:
+        inputs = _fit_inputs(layer)
+        if inputs > MAX_FIT_INPUTS:
+            reason = f"{inputs:,} inputs per output exceed the dense refit limit ({MAX_FIT_INPUTS:,})"
+            results.append(Refit(layer.name, math.nan, math.nan, 0, False, reason))
+        else:
+            pending.append(layer)
+    while pending:
+        wave = _ready(pending)
+        problems = [
+            _Problem(layer, _kept(layer, kept_outputs), seed * 100_003 + index[id(layer)], rows_per_batch)
+            for layer in wave
+        ]
+        inputs = runtime.stream_tensors(pruned, [p.layer.input.name for p in problems], feeds)
+        targets = runtime.stream_tensors(original, [p.layer.output.name for p in problems], feeds)
+        for x_batch, y_batch in zip(inputs, targets, strict=True):
+            for problem in problems:
+                problem.add(x_batch[problem.layer.input.name], y_batch[problem.layer.output.name])
+        results += [problem.solve(alpha) for problem in problems]
+        done = {id(layer) for layer in wave}
+        pending = [layer for layer in pending if id(layer) not in done]
+    return results
+
+
+def _fit_inputs(layer: LinearLayer) -> int:
+    _, inputs, taps = layer.weight_shape
+    return inputs * taps
+
+
+def _kept(layer: LinearLayer, kept_outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    width = layer.weight_shape[0]
+    kept = kept_outputs.get(layer.output.name)
+    kept = np.arange(width) if kept is None else np.asarray(kept, dtype=int)
+    if len(kept) != width:
+        raise ValueError(f"{layer.name} makes {width} outputs but {len(kept)} are listed as kept")
+    return kept
+
+
+def _ready(pending: Sequence[LinearLayer]) -> list[LinearLayer]:
+    """The pending layers that no other pending layer feeds, directly or not."""
+    pending_nodes = {id(layer.node) for layer in pending}
+    ready = []
+    for layer in pending:
+        ancestors = _ancestors(layer.node)
+        if not any(id(node) in pending_nodes for node in ancestors):
+            ready.append(layer)
+    return ready or [pending[0]]
+
+
+def _ancestors(node: ir.Node) -> list[ir.Node]:
+    seen: dict[int, ir.Node] = {}
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        for value in current.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and id(producer) not in seen:
+                seen[id(producer)] = producer
+                stack.append(producer)
+    return list(seen.values())
