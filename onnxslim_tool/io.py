@@ -40,7 +40,9 @@ def load(
     if isinstance(source, ir.Model):
         model = copy_model(source)
     elif isinstance(source, onnx.ModelProto):
-        model = ir.from_proto(source)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(source)  # onnx_ir wraps protos without copying: keep the caller's intact
+        model = ir.from_proto(copy)
     elif isinstance(source, bytes):
         model = _parse_bytes(source, "<bytes>")
     else:

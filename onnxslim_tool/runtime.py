@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -145,27 +146,34 @@ def capture(
 
 
 def stream_tensors(
-    model: ir.Model, names: Sequence[str], feeds: Iterable[Feed]
+    model: ir.Model, names: Sequence[str], feeds: Iterable[Feed], *, prune: bool = False
 ) -> Iterator[dict[str, np.ndarray]]:
     """Run `model` on each feed and yield the full intermediate tensors `names` of that batch.
 
     For statistics that need whole neighbourhoods (convolution patches) rather than the
     flattened rows `capture` keeps. Memory stays bounded as long as the caller reduces each
-    batch before asking for the next.
+    batch before asking for the next. With `prune`, the session holds only the nodes and
+    weights `names` depend on: reading an early layer of a big model then costs a fraction
+    of a full session and of a full run.
     """
     names = list(dict.fromkeys(names))
-    probe = io.load(model, lift_constants=False)
-    values = {v.name: v for v in _all_values(probe.graph)}
+    values = {v.name: v for v in _all_values(model.graph)}
     missing = [n for n in names if n not in values]
     if missing:
         raise OnnxSlimError(f"cannot capture unknown tensor(s): {', '.join(missing)}")
-    graph_inputs = {v.name for v in probe.graph.inputs}
+    graph_inputs = {v.name for v in model.graph.inputs}
     computed = [n for n in names if n not in graph_inputs]  # graph inputs come from the feed
-    existing = {o.name for o in probe.graph.outputs}
-    for name in computed:
-        if name not in existing:
-            probe.graph.outputs.append(values[name])
-    session = make_session(probe)
+    session = None  # nothing to compute when every name is a graph input
+    if prune and computed and not _needs_external_data(model):
+        session = _pruned_session(model, [values[n] for n in computed])
+    elif computed:
+        probe = io.load(model, lift_constants=False)
+        probe_values = {v.name: v for v in _all_values(probe.graph)}
+        existing = {o.name for o in probe.graph.outputs}
+        for name in computed:
+            if name not in existing:
+                probe.graph.outputs.append(probe_values[name])
+        session = make_session(probe)
     for feed in feeds:
         try:
             outs = session.run(computed, feed) if computed else []
@@ -173,6 +181,58 @@ def stream_tensors(
             raise OnnxSlimError(f"onnxruntime failed to run the model: {_one_line(exc)}") from exc
         batch = {name: np.asarray(out) for name, out in zip(computed, outs, strict=True)}
         yield {name: batch[name] if name in batch else np.asarray(feed[name]) for name in names}
+
+
+def _needs_external_data(model: ir.Model) -> bool:
+    return io.weight_bytes(model) > io.EXTERNAL_DATA_THRESHOLD or io.has_external_tensors(model)
+
+
+def _pruned_session(model: ir.Model, outputs: Sequence[ir.Value]) -> ort.InferenceSession:
+    """A session computing only `outputs`, from a serialized copy cut down to what they need."""
+    proto = ir.to_proto(model)
+    graph = proto.graph
+    del graph.output[:]
+    graph.output.extend(ir.serde.serialize_value(v) for v in outputs)
+    _keep_needed(graph, [v.name for v in outputs])
+    try:
+        return ort.InferenceSession(
+            proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise OnnxSlimError(f"onnxruntime cannot load the model: {_one_line(exc)}") from exc
+
+
+def _keep_needed(graph: onnx.GraphProto, names: Sequence[str]) -> None:
+    """Drop the nodes and initializers of `graph` that none of `names` depends on."""
+    producer = {out: node for node in graph.node for out in node.output if out}
+    needed: set[str] = set()
+    kept: set[int] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in kept:
+            kept.add(id(node))
+            stack.extend(_names_read(node))
+    nodes = [node for node in graph.node if id(node) in kept]
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _names_read(node: onnx.NodeProto) -> list[str]:
+    """The values a node reads, including outer-scope values its subgraphs use."""
+    names = [i for i in node.input if i]
+    for attribute in node.attribute:
+        for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            for inner in sub.node:
+                names.extend(_names_read(inner))
+    return names
 
 
 def _as_rows(x: np.ndarray, channel_axis: int) -> np.ndarray:

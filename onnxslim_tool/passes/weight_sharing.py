@@ -1,0 +1,575 @@
+"""Weight sharing: each layer keeps only 2^B distinct weights, stored as B-bit codes.
+
+Two ways to choose the shared values:
+
+- ``kmeans`` (Gong et al. 2014; Han et al., "Deep Compression", ICLR 2016): a codebook of
+  2^B centroids per layer (or per output channel) fit by scikit-learn's k-means on the
+  weights (mini-batch k-means above `MINIBATCH_ABOVE` weights), initialised linearly
+  between min and max (Deep Compression's best), by density (quantiles), at random
+  weights, or by k-means++. When a layer has zeros from pruning, zero is a reserved
+  codebook entry and the other 2^B - 1 centroids are fit on the nonzero weights only,
+  so the pruning mask survives.
+- ``hash`` (Chen et al., "HashedNets", ICML 2015): weight i reads bucket h(i) of 2^B
+  with a hashed sign; bucket values are the least-squares fit (the signed mean of their
+  weights). Only the buckets are stored; the hash is recomputed in-graph. Without the
+  training HashedNets assume, a random assignment loses most of a layer: expect large
+  drops and let the accuracy budget decide.
+
+With ``refit=True`` and calibration data, the shared values are then refit by least
+squares so that each layer's output on calibration activations matches the original
+layer's output (the post-training stand-in for Deep Compression's retraining of the
+centroids). Codes stay fixed; only the 2^B values per table move.
+
+Storage is `onnxslim_tool.storage`: codes packed at B bits plus the codebook, expanded
+in-graph and constant-folded by onnxruntime at load, so the file shrinks by about 32/B on
+the shared layers and inference speed is unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from threadpoolctl import threadpool_limits
+
+from onnxslim_tool import storage
+from onnxslim_tool.errors import PassError
+from onnxslim_tool.graph_utils import attr, single_consumer
+from onnxslim_tool.passes.base import CompressionPass, PassRecord
+from onnxslim_tool.storage import WeightTarget
+
+METHODS = ("kmeans", "hash")
+INITS = ("linear", "density", "random", "kmeans++")
+MINIBATCH_ABOVE = 65_536  # weights per fit above which mini-batch k-means is used
+# A table whose weights are at least this share exactly zero was pruned: keep zero exact.
+ZERO_RESERVED_ABOVE = 0.01
+
+
+class WeightSharing(CompressionPass):
+    """Share 2^`bits` values per layer (k-means codebook or hashed buckets), stored as codes."""
+
+    name = "weight-sharing"
+    lossless = False
+
+    def __init__(
+        self,
+        bits: int = 4,
+        method: str = "kmeans",
+        per_channel: bool = False,
+        init: str = "linear",
+        refit: bool = False,
+        min_params: int = 256,
+        seed: int = 0,
+        include=(),
+        exclude=(),
+    ) -> None:
+        super().__init__(include=include, exclude=exclude)
+        if not 1 <= int(bits) <= 8:
+            raise PassError(f"weight sharing needs 1 to 8 bits, got {bits}")
+        if method not in METHODS:
+            raise PassError(f"unknown weight sharing method '{method}'; choose from: {', '.join(METHODS)}")
+        if init not in INITS:
+            raise PassError(f"unknown k-means init '{init}'; choose from: {', '.join(INITS)}")
+        if method == "hash" and per_channel:
+            raise PassError("hashed weight sharing has one bucket table per layer; drop per_channel")
+        self.bits = int(bits)
+        self.method = method
+        self.per_channel = bool(per_channel)
+        self.init = init
+        self.refit = bool(refit)
+        self.min_params = int(min_params)
+        self.seed = int(seed)
+
+    @property
+    def uses_data(self) -> bool:  # type: ignore[override]
+        return self.refit
+
+    def milder(self) -> WeightSharing | None:
+        if self.bits >= 8:
+            return None
+        params = self.params()
+        params["bits"] = self.bits + 1
+        mild = WeightSharing(**params)
+        mild.calibration = self.calibration  # the pipeline binds data to the first pass only
+        return mild
+
+    def rewrite(self, model, record: PassRecord) -> None:
+        reason = storage.can_hash(model) if self.method == "hash" else storage.can_pack(model)
+        if reason:
+            record.notes.append(f"nothing shared: {reason}")
+            return
+        restored = storage.unpack(model)
+        targets = storage.select_weights(model.graph, self.selects, self.min_params, record)
+        if not targets:
+            storage.pack(model, restored)  # leave earlier passes' storage as it was
+            return
+        originals = {t.value.name: t.array for t in targets}
+        tables = self._share(targets)
+        if self.refit:
+            self._refit(model, targets, tables, record)
+        for target, table in zip(targets, tables, strict=True):
+            target.set(table.weights(target.array.dtype))
+        ours = {t.value for t in targets}
+        leftovers = [v for v in restored if v not in ours]  # packed by an earlier pass: pack again
+        if self.method == "hash":
+            items = [(t.value, table.values) for t, table in zip(targets, tables, strict=True)]
+            storage.write_hashed(model, items, self.seed)
+            storage.pack(model, leftovers)
+            stored = {}
+        else:
+            stored = {s.name: s for s in storage.pack(model, [t.value for t in targets] + leftovers)}
+        self._record(targets, tables, originals, stored, record)
+        storage.shorten_names(model)
+        record.notes.append("internal tensor names shortened (graph inputs/outputs and node names kept)")
+
+    # ----- choosing the shared values ---------------------------------------------------------------
+
+    def _share(self, targets: list[WeightTarget]) -> list[SharedTable]:
+        if self.method == "hash":
+            return self._hash(targets)
+        tables = []
+        for target in targets:
+            array = target.array
+            axis = target.output_axis() if self.per_channel else None
+            tables.append(share_kmeans(array, self.bits, self.init, self.seed, axis))
+        return tables
+
+    def _hash(self, targets: list[WeightTarget]) -> list[SharedTable]:
+        buckets = 1 << self.bits
+        tables, start = [], 0
+        for target in targets:
+            array = target.array
+            slots = storage.hash_slots(array.size, buckets, self.seed, start).reshape(array.shape)
+            start += array.size
+            tables.append(SharedTable.hashed(array, slots, buckets))
+        return tables
+
+    # ----- data-aware refit -------------------------------------------------------------------------
+
+    def _refit(self, model, targets, tables, record: PassRecord) -> None:
+        if self.calibration is None:
+            record.notes.append("refit asked for but no calibration data was given: values are data-free")
+            return
+        record.notes.extend(refit_tables(model, self.calibration, targets, tables, seed=self.seed))
+
+    # ----- report -----------------------------------------------------------------------------------
+
+    def _record(self, targets, tables, originals, stored, record: PassRecord) -> None:
+        dense = written = huffman = 0
+        for target, table in zip(targets, tables, strict=True):
+            original = originals[target.value.name]
+            error = _relative_error(original, target.array)
+            what = self._describe(table)
+            if self.method == "hash":
+                size = table.values.nbytes
+                storage_text = f"buckets {size} B stored, slots recomputed in-graph"
+                estimate = size
+            else:
+                info = stored[target.value.name]
+                size, estimate = info.written_bytes, info.huffman_bytes
+                storage_text = (
+                    f"stored as {info.encoding}: {size:,} B (was {info.dense_bytes:,} B, "
+                    f"{info.ratio:.1f}x); Huffman estimate {estimate:,} B"
+                )
+            dense += original.nbytes
+            written += size
+            huffman += estimate
+            n = int(original.size)
+            for layer in target.layers:
+                record.changed(
+                    storage.layer_name(layer),
+                    layer.op_type,
+                    f"{what}, weight rel. error {error:.3f}; {storage_text}",
+                    n,
+                    n,
+                )
+        record.notes.append(
+            f"shared weights: {dense:,} B as float -> {written:,} B written (codes + tables); "
+            f"Huffman-coded estimate {huffman:,} B (Deep Compression's last stage; an estimate, "
+            "not written)"
+        )
+
+    def _describe(self, table: SharedTable) -> str:
+        if self.method == "hash":
+            return f"{self.bits}-bit hashed sharing ({table.values.size} buckets)"
+        zero = ", zero reserved" if table.zero_reserved else ""
+        layout = "per output channel" if table.axis is not None else "per layer"
+        return f"{self.bits}-bit k-means ({self.init} init, codebook {layout}{zero})"
+
+
+# ----- tables: shared values + codes ----------------------------------------------------------------
+
+
+class SharedTable:
+    """Shared values and the code of every weight: weights = values[codes] (x sign for hashing).
+
+    ``values`` is [K] (one table) or [C, K] (one per output channel, rows along ``axis``).
+    With ``zero_reserved``, entry 0 is the pruned weights' exact zero: a refit never moves it.
+    """
+
+    def __init__(
+        self,
+        values: np.ndarray,
+        codes: np.ndarray,
+        axis: int | None = None,
+        signs: np.ndarray | None = None,
+        zero_reserved: bool = False,
+    ) -> None:
+        self.values = values
+        self.codes = codes
+        self.axis = axis
+        self.signs = signs
+        self.zero_reserved = zero_reserved
+
+    @classmethod
+    def hashed(cls, array: np.ndarray, slots: np.ndarray, buckets: int) -> SharedTable:
+        codes = slots % buckets
+        signs = np.where(slots < buckets, 1.0, -1.0)
+        flat_codes, signed = codes.ravel(), (signs * array).ravel().astype(np.float64)
+        sums = np.bincount(flat_codes, weights=signed, minlength=buckets)
+        counts = np.bincount(flat_codes, minlength=buckets)
+        values = np.divide(sums, counts, out=np.zeros(buckets), where=counts > 0)
+        return cls(values, codes, signs=signs)
+
+    def weights(self, dtype) -> np.ndarray:
+        values = self.values.astype(dtype)
+        if self.axis is None:
+            out = values[self.codes]
+        else:
+            codes = self.codes if self.axis == 0 else np.moveaxis(self.codes, self.axis, 0)
+            rows = np.take_along_axis(values, codes.reshape(codes.shape[0], -1), axis=1).reshape(codes.shape)
+            out = rows if self.axis == 0 else np.moveaxis(rows, 0, self.axis)
+        if self.signs is not None:
+            out = out * self.signs.astype(dtype)
+        return out.astype(dtype)
+
+
+def share_kmeans(array: np.ndarray, bits: int, init: str, seed: int, axis: int | None) -> SharedTable:
+    """k-means tables for `array`: one for all weights (axis None) or one per slice along `axis`."""
+    k = 1 << bits
+    if axis is None:
+        values, codes, zero = _fit_table(array.ravel(), k, init, seed, array.dtype)
+        return SharedTable(values, codes.reshape(array.shape), zero_reserved=zero)
+    moved = np.moveaxis(array, axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    fits = [_fit_table(row, k, init, seed, array.dtype) for row in rows]
+    values = np.zeros((rows.shape[0], k))
+    for r, (row_values, _, _) in enumerate(fits):
+        values[r, : row_values.size] = row_values
+    codes = np.stack([c for _, c, _ in fits]).reshape(moved.shape)
+    return SharedTable(values, np.moveaxis(codes, 0, axis), axis, zero_reserved=any(z for _, _, z in fits))
+
+
+def _fit_table(flat: np.ndarray, k: int, init: str, seed: int, dtype) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(values, codes, zero reserved) for one table; zeros keep code 0 when the slice was pruned."""
+    zero = flat.size > 0 and np.mean(flat == 0) >= ZERO_RESERVED_ABOVE
+    if not zero:
+        values = fit_centroids(flat, k, init, seed, dtype)
+        return values, nearest(flat, values), False
+    nonzero = flat != 0
+    centroids = fit_centroids(flat[nonzero], k - 1, init, seed, dtype) if nonzero.any() else np.zeros(0)
+    values = np.concatenate([[0.0], centroids])
+    codes = np.zeros(flat.shape, dtype=np.int64)
+    if centroids.size:
+        codes[nonzero] = 1 + nearest(flat[nonzero], centroids)
+    return values, codes, True
+
+
+def fit_centroids(values: np.ndarray, k: int, init: str, seed: int, dtype=np.float32) -> np.ndarray:
+    """At most `k` sorted centroids (exact distinct values when there are no more than `k`).
+
+    Above `MINIBATCH_ABOVE` weights, mini-batch k-means runs on a seeded sample of that many
+    weights (1-D centroids are estimated as well from a sample, and a full pass over millions
+    of weights is slow). Centroids are rounded to the weight dtype before use.
+    """
+    distinct = np.unique(values)
+    if distinct.size <= k:
+        return distinct.astype(np.float64)
+    x = values.astype(np.float64).reshape(-1, 1)
+    start = _initial_centroids(x.ravel(), distinct, k, init, seed)
+    kwargs = {"n_clusters": k, "init": start, "n_init": 1, "random_state": seed}
+    # One thread: 1-D fits of <= 64K points take well under a second on one core, while
+    # OpenMP threads on a busy machine made the same fit 25x slower (measured: 0.34 s vs 8.5 s).
+    with threadpool_limits(1):
+        if x.shape[0] > MINIBATCH_ABOVE:
+            sample = np.random.default_rng(seed).choice(x.shape[0], MINIBATCH_ABOVE, replace=False)
+            batch = MiniBatchKMeans(batch_size=4096, max_iter=20, compute_labels=False, **kwargs)
+            model = batch.fit(x[sample])
+        else:
+            model = KMeans(max_iter=300, **kwargs).fit(x)
+    return np.unique(model.cluster_centers_.ravel().astype(dtype)).astype(np.float64)
+
+
+def _initial_centroids(x: np.ndarray, distinct: np.ndarray, k: int, init: str, seed: int):
+    if init == "kmeans++":
+        return "k-means++"
+    if init == "linear":  # Deep Compression: evenly spaced between min and max
+        start = np.linspace(x.min(), x.max(), k)
+    elif init == "density":  # evenly spaced on the weights' CDF
+        start = np.quantile(x, np.linspace(0.0, 1.0, k))
+    else:  # Forgy: k distinct weights at random
+        start = np.random.default_rng(seed).choice(distinct, k, replace=False)
+    start = np.unique(start)
+    if start.size < k:  # ties (many equal weights): fall back to k-means++ seeding
+        return "k-means++"
+    return start.reshape(-1, 1)
+
+
+def nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the sorted `centroids` for each value (midpoint search)."""
+    if centroids.size == 1:
+        return np.zeros(values.shape, dtype=np.int64)
+    midpoints = (centroids[1:] + centroids[:-1]) / 2
+    return np.searchsorted(midpoints, values.astype(np.float64)).astype(np.int64)
+
+
+def _relative_error(original: np.ndarray, shared: np.ndarray) -> float:
+    norm = float(np.linalg.norm(original))
+    return float(np.linalg.norm(original - shared) / norm) if norm else 0.0
+
+
+# ----- least-squares refit of the shared values on calibration activations -------------------------
+
+REFIT_ROWS = 4096  # sampled output positions per layer
+REFIT_BATCH = 32
+_CHUNK_ELEMENTS = 1 << 22  # bound on rows x outputs x K of one design block
+
+
+def refit_tables(model, calibration, targets, tables, *, seed: int = 0) -> list[str]:
+    """Move each table's values to fit the original layer's output on calibration inputs.
+
+    For layer outputs y = P w (P: input patches), w = sum_k c_k S_k with S_k the signed
+    indicator of code k, so y is linear in the table values c: accumulate the normal
+    equations over sampled rows and solve them with a small ridge that pulls towards the
+    k-means values. A solution that fits worse than the starting values is discarded.
+    """
+    from onnxslim_tool import runtime  # onnxruntime, only when a refit runs
+
+    notes, jobs = [], []
+    for target, table in zip(targets, tables, strict=True):
+        view, why = LinearView.of(target)
+        if view is None:
+            notes.append(f"refit skipped for {storage.layer_name(target.layer)}: {why}")
+        else:
+            jobs.append((target, table, view, _Normal(table, target.array, view)))
+    if not jobs:
+        return notes
+    feeds = list(calibration.batches(REFIT_BATCH))
+    quota = max(1, REFIT_ROWS // max(1, len(feeds)))
+    rng = np.random.default_rng(seed)
+    names = list(dict.fromkeys(view.input_name for _, _, view, _ in jobs))
+    for batch in runtime.stream_tensors(model, names, feeds):
+        for _, _, view, normal in jobs:
+            x = batch[view.input_name]
+            normal.add(view.patches(x, view.positions(x.shape, quota, rng)))
+    for target, table, _, normal in jobs:
+        before, after = normal.solve_into(table)
+        notes.append(
+            f"refit {storage.layer_name(target.layer)}: layer output rel. error on calibration "
+            f"{before:.4f} -> {after:.4f}"
+        )
+    return notes
+
+
+class LinearView:
+    """A layer as rows of weights applied to input patches: y[r, o] = P_group(o)[r] . W2[o] + b[o].
+
+    ``bias`` is the layer's constant bias (Conv/Gemm input 2, or the initializer of the Add
+    after a MatMul) when it is a plain vector; ``bias_scale`` is Gemm's beta.
+    """
+
+    def __init__(
+        self,
+        input_name: str,
+        *,
+        transposed: bool = False,
+        groups: int = 1,
+        conv: dict | None = None,
+        bias: ir.Value | None = None,
+        bias_scale: float = 1.0,
+    ) -> None:
+        self.input_name = input_name
+        self.transposed = transposed  # weight stored [in, out]
+        self.groups = groups
+        self.conv = conv
+        self.bias = bias
+        self.bias_scale = bias_scale
+
+    def to_rows(self, weight: np.ndarray) -> np.ndarray:
+        """Weight-shaped array -> [out, in_per_group]."""
+        if self.conv is not None:
+            return weight.reshape(weight.shape[0], -1)
+        return weight.T if self.transposed else weight
+
+    def from_rows(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return rows.T.reshape(shape) if self.transposed else rows.reshape(shape)
+
+    @classmethod
+    def of(cls, target: WeightTarget) -> tuple[LinearView | None, str]:
+        if len(target.layers) != 1:
+            return None, "weight shared by several layers"
+        node, array = target.layer, target.array
+        source = node.inputs[0]
+        if source is None or not source.name:
+            return None, "layer input has no name"
+        out = array.shape[0]
+        if node.op_type == "Conv" and array.ndim == 4 and target.slot == 1:
+            if str(attr(node, "auto_pad", "NOTSET")) not in ("NOTSET", ""):
+                return None, "auto_pad convolution"
+            conv = {
+                "kernel": array.shape[2:],
+                "pads": list(attr(node, "pads", [0, 0, 0, 0])),
+                "strides": list(attr(node, "strides", [1, 1])),
+                "dilations": list(attr(node, "dilations", [1, 1])),
+            }
+            groups = int(attr(node, "group", 1))
+            return cls(source.name, groups=groups, conv=conv, bias=_vector_input(node, 2, out)), ""
+        if node.op_type == "Gemm" and target.slot == 1 and not attr(node, "transA", 0):
+            transposed = not attr(node, "transB", 0)
+            out = array.shape[1] if transposed else out
+            beta = float(attr(node, "beta", 1.0))
+            bias = _vector_input(node, 2, out) if beta != 0 else None
+            return cls(source.name, transposed=transposed, bias=bias, bias_scale=beta), ""
+        if node.op_type == "MatMul" and target.slot == 1 and array.ndim == 2:
+            return cls(source.name, transposed=True, bias=_following_bias(node, array.shape[1])), ""
+        return None, f"{node.op_type} layout not supported by the refit"
+
+    def positions(self, shape: tuple[int, ...], quota: int, rng: np.random.Generator) -> np.ndarray:
+        """Up to `quota` sampled output positions (flat index) for an input of this shape."""
+        if self.conv is None:
+            return _sample(int(np.prod(shape[:-1])), quota, rng)
+        out_h, out_w = _conv_output_size(shape, self.conv)
+        return _sample(shape[0] * out_h * out_w, quota, rng)
+
+    def patches(self, x: np.ndarray, chosen: np.ndarray) -> list[np.ndarray]:
+        """Per group, the [rows, in_per_group] input patches at output positions `chosen`."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.conv is None:
+            return [x.reshape(-1, x.shape[-1])[chosen]]
+        patch = _conv_patches(x, self.conv, chosen)
+        per_group = patch.shape[1] // self.groups
+        return [
+            patch[:, g * per_group : (g + 1) * per_group].reshape(patch.shape[0], -1)
+            for g in range(self.groups)
+        ]
+
+
+def _vector_input(node: ir.Node, index: int, size: int) -> ir.Value | None:
+    value = node.inputs[index] if len(node.inputs) > index else None
+    return value if _plain_vector(value, size) else None
+
+
+def _following_bias(node: ir.Node, size: int) -> ir.Value | None:
+    """The bias initializer of an Add that is the only reader of a MatMul's output."""
+    after = single_consumer(node.outputs[0])
+    if after is None or after.op_type != "Add":
+        return None
+    other = after.inputs[1] if after.inputs[0] is node.outputs[0] else after.inputs[0]
+    return other if _plain_vector(other, size) else None
+
+
+def _plain_vector(value: ir.Value | None, size: int) -> bool:
+    if value is None or not value.is_initializer() or value.const_value is None or len(value.uses()) != 1:
+        return False
+    shape = value.const_value.numpy().shape
+    return int(np.prod(shape)) == size and len(shape) >= 1 and shape[-1] == size
+
+
+def _sample(total: int, quota: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(total) if total <= quota else np.sort(rng.choice(total, quota, replace=False))
+
+
+def _conv_output_size(shape: tuple[int, ...], conv: dict) -> tuple[int, int]:
+    (kh, kw), (top, left, bottom, right) = conv["kernel"], conv["pads"]
+    (sh, sw), (dh, dw) = conv["strides"], conv["dilations"]
+    out_h = (shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
+    return out_h, out_w
+
+
+def _conv_patches(x: np.ndarray, conv: dict, chosen: np.ndarray) -> np.ndarray:
+    """[rows, C, kh, kw] input windows of a 2-D convolution at output positions `chosen`."""
+    (kh, kw), (top, left, bottom, right) = conv["kernel"], conv["pads"]
+    (sh, sw), (dh, dw) = conv["strides"], conv["dilations"]
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_h, out_w = _conv_output_size(x.shape, conv)
+    n, rest = np.divmod(chosen, out_h * out_w)
+    i, j = np.divmod(rest, out_w)
+    rows = (i * sh)[:, None, None, None] + (np.arange(kh) * dh)[None, None, :, None]
+    cols = (j * sw)[:, None, None, None] + (np.arange(kw) * dw)[None, None, None, :]
+    channels = np.arange(x.shape[1])[None, :, None, None]
+    return padded[n[:, None, None, None], channels, rows, cols]
+
+
+class _Normal:
+    """Normal equations of one table's values: G c = h, per table row (one row per channel)."""
+
+    def __init__(self, table: SharedTable, original: np.ndarray, view: LinearView) -> None:
+        self.codes = view.to_rows(table.codes)  # [out, in_per_group]
+        self.signs = None if table.signs is None else view.to_rows(table.signs)
+        self.weights = view.to_rows(original).astype(np.float64)
+        self.per_channel = table.axis is not None
+        self.k = table.values.shape[-1]
+        tables = self.codes.shape[0] if self.per_channel else 1
+        self.gram = np.zeros((tables, self.k, self.k))
+        self.rhs = np.zeros((tables, self.k))
+        self.energy = 0.0
+        self.group_size = self.codes.shape[0] // view.groups
+
+    def add(self, patches: list[np.ndarray]) -> None:
+        from scipy import sparse  # scipy is heavy; only refits need it
+
+        for g, patch in enumerate(patches):
+            outputs = np.arange(g * self.group_size, (g + 1) * self.group_size)
+            step = max(1, _CHUNK_ELEMENTS // max(1, patch.shape[0] * self.k))
+            for start in range(0, outputs.size, step):
+                chunk = outputs[start : start + step]
+                codes = self.codes[chunk]  # [o, in]
+                signs = np.ones(codes.shape) if self.signs is None else self.signs[chunk]
+                cols = (np.arange(chunk.size)[:, None] * self.k + codes).ravel()
+                rows = np.tile(np.arange(codes.shape[1]), chunk.size)
+                basis = sparse.csr_matrix(
+                    (signs.ravel(), (rows, cols)), shape=(codes.shape[1], chunk.size * self.k)
+                )
+                design = np.asarray((basis.T @ patch.T).T).reshape(patch.shape[0], chunk.size, self.k)
+                target = patch @ self.weights[chunk].T  # [rows, o]
+                gram = np.einsum("rok,rol->okl", design, design)
+                rhs = np.einsum("rok,ro->ok", design, target)
+                if self.per_channel:
+                    self.gram[chunk] += gram
+                    self.rhs[chunk] += rhs
+                else:
+                    self.gram[0] += gram.sum(axis=0)
+                    self.rhs[0] += rhs.sum(axis=0)
+                self.energy += float((target**2).sum())
+
+    def solve_into(self, table: SharedTable) -> tuple[float, float]:
+        """Refit `table.values` in place; returns the relative output error before and after."""
+        values = np.atleast_2d(np.asarray(table.values, dtype=np.float64)).copy()
+        start_error = after_error = 0.0
+        for t in range(values.shape[0]):
+            gram, rhs, start = self.gram[t], self.rhs[t], values[t]
+            free = np.ones(self.k, dtype=bool)
+            if table.zero_reserved:
+                free[0] = False  # the pruning mask stays exact
+            g = gram[np.ix_(free, free)]
+            ridge = 1e-4 * max(float(np.trace(g)) / max(1, free.sum()), 1e-12)
+            solved = start.copy()
+            solved[free] = np.linalg.solve(g + ridge * np.eye(g.shape[0]), rhs[free] + ridge * start[free])
+            before, after = _residual(gram, rhs, start), _residual(gram, rhs, solved)
+            if after < before:
+                values[t] = solved
+            start_error += before
+            after_error += min(before, after)
+        table.values = values if self.per_channel else values[0]
+        scale = max(self.energy, 1e-30)
+        return _rel(start_error, scale), _rel(after_error, scale)
+
+
+def _residual(gram: np.ndarray, rhs: np.ndarray, values: np.ndarray) -> float:
+    """||design @ values - target||^2 up to the constant ||target||^2."""
+    return float(values @ gram @ values - 2 * rhs @ values)
+
+
+def _rel(residual: float, energy: float) -> float:
+    return float(np.sqrt(max(residual + energy, 0.0) / energy))

@@ -1,0 +1,293 @@
+"""Compact weight storage: exact in-graph expansion, smallest-encoding choice, round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_tool import io, runtime, storage
+
+RNG = np.random.default_rng(0)
+
+
+def _conv_gemm_model(conv_w: np.ndarray, fc_w: np.ndarray, opset: int = 17) -> ir.Model:
+    """x[N,4,6,6] -> Conv(conv_w, pad 1) -> Flatten -> Gemm(fc_w, zero bias, transB=1) -> y."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "cw"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Flatten", ["c"], ["f"]),
+            helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", fc_w.shape[0]])],
+        [
+            numpy_helper.from_array(conv_w, "cw"),
+            numpy_helper.from_array(fc_w, "fw"),
+            numpy_helper.from_array(np.zeros(fc_w.shape[0], np.float32), "fb"),
+        ],
+    )
+    return ir.from_proto(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    )
+
+
+def _matmul_model(w: np.ndarray) -> ir.Model:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[1]])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def _with_values(shape: tuple[int, ...], count: int, zeros: float = 0.0, seed: int = 0) -> np.ndarray:
+    """A float32 array whose entries take `count` distinct values, a share `zeros` exactly 0."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal(count).astype(np.float32)
+    array = table[rng.integers(0, count, shape)]
+    array[rng.random(shape) < zeros] = 0
+    return array.astype(np.float32)
+
+
+def _expanded_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    """Each layer's weight as onnxruntime computes it from the stored encoding."""
+    probe = io.load(model, lift_constants=False)
+    weights = {}
+    for node, _, value in storage.layer_weights(probe.graph):
+        weights[node.name] = value
+        if not value.is_initializer():
+            probe.graph.outputs.append(value)
+    session = runtime.make_session(probe)
+    feed = {
+        "x": np.zeros([1 if d is None or isinstance(d, str) else d for d in _input_dims(probe)], np.float32)
+    }
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feed), strict=True))
+    return {
+        layer: values[v.name] if v.name in values else v.const_value.numpy() for layer, v in weights.items()
+    }
+
+
+def _input_dims(model: ir.Model) -> list:
+    return [d if isinstance(d, int) else 1 for d in model.graph.inputs[0].shape]
+
+
+def _pack_all(model: ir.Model) -> list[storage.StoredWeight]:
+    return storage.pack(model, [v for _, _, v in storage.layer_weights(model.graph)])
+
+
+# ----- bit streams ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 64, 1001])
+def test_pack_codes_round_trips(bits: int, count: int) -> None:
+    codes = RNG.integers(0, 1 << bits, count)
+    stream = storage.pack_codes(codes, bits)
+    assert stream.dtype == np.uint8
+    assert stream.size == -(-count * bits // 8) or storage.layout(bits) == "planes"
+    assert stream.size <= bits * (-(-count // 8))
+    np.testing.assert_array_equal(storage.unpack_codes(stream, bits, count), codes)
+
+
+def test_huffman_bits_matches_hand_computed_codes() -> None:
+    assert storage.huffman_bits([5]) == 5  # one symbol: one bit each
+    assert storage.huffman_bits([1, 1, 2]) == 6  # code lengths 2, 2, 1
+    assert storage.huffman_bits([1, 1, 1, 1]) == 8
+    assert storage.huffman_bits([0, 3, 0]) == 3
+
+
+# ----- choosing the encoding -------------------------------------------------------------------------
+
+
+def test_float_weights_stay_dense() -> None:
+    weight = RNG.standard_normal((32, 32)).astype(np.float32)
+    assert storage.choose_encoding(weight).kind == storage.DENSE
+
+
+def test_sparse_storage_only_when_smaller() -> None:
+    weight = RNG.standard_normal((64, 64)).astype(np.float32)
+    few = weight.copy()
+    few.ravel()[:40] = 0  # 1% zeros: mask + values would be larger than the dense tensor
+    assert storage.choose_encoding(few).kind == storage.DENSE
+    half = np.where(np.abs(weight) < np.median(np.abs(weight)), 0, weight).astype(np.float32)
+    encoding = storage.choose_encoding(half)
+    assert encoding.kind == storage.SPARSE
+    assert encoding.payload_bytes < half.nbytes
+    assert encoding.payload_bytes == 64 * 64 // 8 + 4 * np.count_nonzero(half)
+
+
+def test_tiny_tensors_are_not_worth_packing() -> None:
+    weight = _with_values((4, 3), 2)
+    assert storage.choose_encoding(weight).kind == storage.DENSE
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_codebook_width_follows_distinct_values(bits: int) -> None:
+    weight = _with_values((64, 48), 1 << bits, seed=bits)
+    encoding = storage.choose_encoding(weight)
+    assert encoding.kind == storage.CODES
+    assert encoding.bits == bits
+    assert encoding.payload_bytes == -(-weight.size * bits // 8) + 4 * (1 << bits)
+
+
+def test_per_channel_codebooks_when_rows_differ() -> None:
+    rows = [_with_values((1, 200), 4, seed=s) for s in range(80)]  # 4 values per row, 320 overall
+    weight = np.concatenate(rows)
+    encoding = storage.choose_encoding(weight)
+    assert encoding.codebook.axis == 0 and encoding.bits == 2
+
+
+def test_zero_gets_code_zero_when_present() -> None:
+    weight = _with_values((40, 40), 15, zeros=0.5)
+    encoding = storage.choose_encoding(weight)
+    assert encoding.kind == storage.SPARSE_CODES
+    assert encoding.codebook.values[0] == 0
+    np.testing.assert_array_equal(encoding.codebook.codes == 0, weight == 0)
+
+
+# ----- the written model -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("conv_values", "fc_values", "zeros"),
+    [(16, 16, 0.0), (4, 256, 0.0), (8, 3, 0.6), (2, 32, 0.3), (0, 0, 0.7)],
+)
+def test_expanded_weights_equal_the_codebook_lookup(conv_values: int, fc_values: int, zeros: float) -> None:
+    """Whatever encoding is chosen, onnxruntime rebuilds every weight bit for bit."""
+    if conv_values:
+        conv_w = _with_values((8, 4, 3, 3), conv_values, zeros, seed=1)
+        fc_w = _with_values((5, 288), fc_values, zeros, seed=2)
+    else:  # pruned floats: mask + values
+        conv_w = np.where(RNG.random((8, 4, 3, 3)) < zeros, 0, RNG.standard_normal((8, 4, 3, 3)))
+        fc_w = np.where(RNG.random((5, 288)) < zeros, 0, RNG.standard_normal((5, 288)))
+    conv_w, fc_w = conv_w.astype(np.float32), fc_w.astype(np.float32)
+    model = _conv_gemm_model(conv_w, fc_w)
+    encodings = {name: storage.choose_encoding(w) for name, w in (("conv", conv_w), ("fc", fc_w))}
+    stored = _pack_all(model)
+    assert all(s.encoding != storage.DENSE for s in stored)
+    expanded = _expanded_weights(model)
+    for layer, original in (("conv", conv_w), ("fc", fc_w)):
+        book = encodings[layer].codebook
+        if book is not None:
+            lookup = (
+                book.values[book.codes]
+                if book.axis is None
+                else np.take_along_axis(book.values, book.codes.reshape(book.values.shape[0], -1), 1)
+            )
+            np.testing.assert_array_equal(expanded[layer].ravel(), lookup.ravel())
+        np.testing.assert_array_equal(expanded[layer], original)
+
+
+def test_per_channel_lookup_along_the_last_axis() -> None:
+    columns = [_with_values((300, 1), 4, seed=s) for s in range(70)]
+    weight = np.concatenate(columns, axis=1)  # MatMul [in, out]: channels are columns
+    model = _matmul_model(weight)
+    assert storage.choose_encoding(weight).codebook.axis == -1
+    _pack_all(model)
+    np.testing.assert_array_equal(_expanded_weights(model)["mm"], weight)
+
+
+def test_packed_file_is_smaller_and_survives_the_checker_and_a_proto_round_trip() -> None:
+    conv_w, fc_w = _with_values((8, 4, 3, 3), 16, seed=3), _with_values((5, 288), 16, seed=4)
+    model = _conv_gemm_model(conv_w, fc_w)
+    before = io.serialized_size(model)
+    reference = runtime.run_model(model, [{"x": RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)}])
+    _pack_all(model)
+    copy = ir.from_proto(ir.to_proto(model))
+    onnx.checker.check_model(ir.to_proto(copy), full_check=True)
+    after = io.serialized_size(copy)
+    assert after < before * 0.3  # 4-bit codes: weights take 1/8, the graph the rest
+    feed = {"x": RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)}
+    outputs = runtime.run_model(copy, [feed])
+    expected = runtime.run_model(io.load(_conv_gemm_model(conv_w, fc_w)), [feed])
+    np.testing.assert_array_equal(outputs["y"], expected["y"])
+    assert reference  # the model ran before packing too
+
+
+def test_onnxruntime_folds_the_expansion_at_load(tmp_path) -> None:
+    model = _conv_gemm_model(_with_values((8, 4, 3, 3), 8, 0.5, seed=5), _with_values((5, 288), 16, seed=6))
+    _pack_all(model)
+    options = runtime.session_options()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert ops.isdisjoint({"BitShift", "Mod", "CumSum", "Gather", "Split", "MatMul", "Reshape"})
+
+
+def test_unpack_restores_initializers_and_repacking_is_identical() -> None:
+    model = _conv_gemm_model(_with_values((8, 4, 3, 3), 3, 0.4, seed=7), _with_values((5, 288), 16, seed=8))
+    originals = {n.name: v.const_value.numpy() for n, _, v in storage.layer_weights(model.graph)}
+    _pack_all(model)
+    packed_size = io.serialized_size(model)
+    restored = storage.unpack(model)
+    assert len(restored) == 2 and len(model.graph) == 3  # only the layers are left
+    for node, _, value in storage.layer_weights(model.graph):
+        assert value.is_initializer()
+        np.testing.assert_array_equal(value.const_value.numpy(), originals[node.name])
+    storage.pack(model, restored)
+    assert io.serialized_size(model) == packed_size
+
+
+def test_old_opsets_get_codes_expanded_with_integer_division_but_no_masks() -> None:
+    codes_w = _with_values((8, 4, 3, 3), 4, seed=11)
+    pruned_w = np.where(RNG.random((5, 288)) < 0.7, 0, RNG.standard_normal((5, 288))).astype(np.float32)
+    model = _conv_gemm_model(codes_w, pruned_w, opset=9)
+    assert storage.can_pack(model) is None and storage.can_pack(model, sparse=True) is not None
+    stored = {s.name: s.encoding for s in _pack_all(model)}
+    assert stored["cw"] == "codes (2-bit, per-tensor codebook)"
+    assert not stored["fw"].startswith("sparse")  # no mask; 7-bit per-channel codes are exact and smaller
+    assert {n.op_type for n in model.graph} >= {"Div", "Sub", "Gather"}
+    expanded = _expanded_weights(model)
+    np.testing.assert_array_equal(expanded["conv"], codes_w)
+    np.testing.assert_array_equal(expanded["fc"], pruned_w)
+    assert storage.can_pack(_conv_gemm_model(codes_w, pruned_w, opset=6)) is not None
+
+
+def test_storage_report_gives_written_bytes_and_a_huffman_estimate() -> None:
+    model = _conv_gemm_model(_with_values((8, 4, 3, 3), 16, seed=9), _with_values((5, 288), 4, 0.8, seed=10))
+    _pack_all(model)
+    rows = {r.layer: r for r in storage.storage_report(model)}
+    assert rows["conv"].encoding.startswith("codes (4-bit")
+    assert rows["conv"].written_bytes == 288 * 4 // 8 + 64
+    assert rows["fc"].encoding.startswith("sparse-codes")
+    for row in rows.values():
+        assert row.dense_bytes == 4 * row.params
+        assert 0 < row.huffman_bytes <= row.written_bytes
+
+
+def test_hashed_weights_expand_to_the_numpy_hash() -> None:
+    weight = RNG.standard_normal((64, 24)).astype(np.float32)
+    model = _matmul_model(weight)
+    table = RNG.standard_normal(8).astype(np.float32)
+    slots = storage.hash_slots(weight.size, 8, seed=3).reshape(weight.shape)
+    expected = np.where(slots < 8, table[slots % 8], -table[slots % 8])
+    storage.write_hashed(model, [(model.graph.initializers["w"], table)], seed=3)
+    stored = sum(v.const_value.numpy().nbytes for v in model.graph.initializers.values())
+    assert stored <= table.nbytes + 8 * 9  # the table, hash scalars and one shape: no per-weight data
+    np.testing.assert_array_equal(_expanded_weights(model)["mm"], expected)
+
+
+def test_unpack_leaves_foreign_constant_subgraphs_alone() -> None:
+    """A float16 weight behind a Cast must not come back as a (twice as large) float32 tensor."""
+    half = RNG.standard_normal((24, 10)).astype(np.float16)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(half, "w16")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    assert storage.unpack(model) == []
+    assert [n.op_type for n in model.graph] == ["Cast", "MatMul"]
