@@ -184,10 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated pass families")
     parser.add_argument("--limit", type=int, default=None, help="only the first N models")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="corpus folders, e.g. simple,light")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
-    models = corpus_models()[: args.limit]
+    models = corpus_models([s for s in args.sections.split(",") if s])[: args.limit]
     outcomes = sweep(models, families)
     text = table_markdown(outcomes)
     if args.out:

@@ -472,7 +472,11 @@ class _GroupBuilder:
             touched = np.unique(labs[producing[labs]])
             units.append(touched)
             readers.append(np.full(len(touched), mi, dtype=np.int64))
+        if not units:  # no channel members at all (a graph without weighted layers)
+            return {}
         units_all, readers_all = np.concatenate(units), np.concatenate(readers)
+        if units_all.size == 0:
+            return {}
         order = np.lexsort((readers_all, units_all))  # by unit, then member index
         units_all, readers_all = units_all[order], readers_all[order]
         starts = np.flatnonzero(np.concatenate(([True], np.diff(units_all) != 0)))

@@ -203,7 +203,10 @@ class Formats:
         holdout = self.context.holdout
         if holdout is None or len(holdout) == 0:
             return []
-        feeds = [(1 if holdout.fixed_batch is None else holdout.fixed_batch, next(iter(holdout.batches(1))))]
+        first = next(iter(holdout.batches(1)), None)
+        if first is None:  # a fixed batch larger than the held-out samples: nothing to time
+            return []
+        feeds = [(1 if holdout.fixed_batch is None else holdout.fixed_batch, first)]
         large = min(LARGE_PROBE_BATCH, len(holdout))
         if holdout.fixed_batch is None and not holdout.unbatched_inputs and large > 1:
             feeds.append((large, next(iter(holdout.batches(large)))))
