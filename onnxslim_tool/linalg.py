@@ -265,7 +265,7 @@ def cp_reconstruct(factors: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def cp_als(
-    tensor: np.ndarray, rank: int, *, iterations: int = 200, tol: float = 1e-7, seed: int = 0
+    tensor: np.ndarray, rank: int, *, iterations: int = 100, tol: float = 1e-6, seed: int = 0
 ) -> list[np.ndarray]:
     """A rank-`rank` CP decomposition by alternating least squares (Kolda & Bader 2009).
 
@@ -312,13 +312,21 @@ def _cp_init(unfolded: np.ndarray, rank: int, rng: np.random.Generator) -> np.nd
 
 
 def _mttkrp(tensor: np.ndarray, factors: Sequence[np.ndarray], mode: int) -> np.ndarray:
-    """The tensor times the Khatri-Rao product of every factor but `mode`'s: [dim_mode, rank]."""
+    """The tensor times the Khatri-Rao product of every factor but `mode`'s: [dim_mode, rank].
+
+    The largest other mode is contracted first by one matrix product, which also shrinks the
+    tensor most; the rest are then multiplied in with the rank as a shared index. (A generic
+    einsum path may expand a 512x512x3x3 kernel against a rank-1000 factor into gigabytes.)
+    """
     n = tensor.ndim
-    operands: list = [tensor, list(range(n))]
-    for j, factor in enumerate(factors):
-        if j != mode:
-            operands += [factor, [j, n]]
-    return np.einsum(*operands, [mode, n], optimize=True)
+    others = sorted((k for k in range(n) if k != mode), key=lambda k: -tensor.shape[k])
+    product = np.tensordot(tensor, factors[others[0]], axes=([others[0]], [0]))
+    axes = [k for k in range(n) if k != others[0]]  # product's axes, then the rank
+    for k in others[1:]:
+        kept = [a for a in axes if a != k]
+        product = np.einsum(product, [*axes, n], factors[k], [k, n], [*kept, n], optimize=True)
+        axes = kept
+    return product
 
 
 def _cp_residual(norm_sq: float, product: np.ndarray, last: np.ndarray, grams: np.ndarray) -> float:

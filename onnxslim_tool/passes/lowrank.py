@@ -61,6 +61,8 @@ MAX_FIT_FEATURES = 8192
 # its 512-channel 3x3 convs) only the last factor is refit, which costs rows x rank^2.
 MAX_FIT_OUTPUTS = 2048
 MAX_FIT_WORK = 2e10
+# CP-ALS sweeps are bounded by this many flops per layer (~10 s on one core).
+MAX_CP_WORK = 3e11
 # milder() stops once it would keep more than this fraction (or energy).
 MAX_MILD_RATIO = 0.95
 MAX_MILD_ENERGY = 0.9999
@@ -160,8 +162,9 @@ class LowRank(CompressionPass):
             if refitter is not None:
                 refitter.refit(model, factorized, record)
             for plan, factors in factorized:
-                plan.layer.emit(graph, plan, factors)
-                record.changed(plan.layer.name, plan.layer.node.op_type, plan.detail(), *plan.params)
+                nodes = plan.layer.emit(graph, plan, factors)
+                after = _params_of(nodes)  # counted on the graph: a refit may have added a bias
+                record.changed(plan.layer.name, plan.layer.node.op_type, plan.detail(), plan.params[0], after)
 
     def _refitter(self, model: ir.Model, plans: list[_Plan], record: PassRecord) -> _Refitter | None:
         if not self.refit:
@@ -411,7 +414,7 @@ class _MatrixLayer:
     def rows_per_sample(self) -> int:
         return self.rows
 
-    def emit(self, graph: ir.Graph, plan: _Plan, factors: _Factors) -> None:
+    def emit(self, graph: ir.Graph, plan: _Plan, factors: _Factors) -> list[ir.Node]:
         """Two products through `rank` channels; left-constant kinds multiply from the left."""
         dtype = self.weight.dtype.numpy()
         # W = left right; a weight on the left of the product is W^T = right^T left^T.
@@ -434,6 +437,7 @@ class _MatrixLayer:
             beta = 1.0 if self.kind == "matmul" else float(attr(self.node, "beta", 1.0))
             _add_to_const(self.bias_holder, shaped / beta)
         _drop_if_unused(graph, self.weight)
+        return nodes
 
     def _gemms(self, graph: ir.Graph, a: ir.Value, b: ir.Value, offset: np.ndarray | None) -> list[ir.Node]:
         """Gemm(op(A), a) then Gemm(., b, C) (or a, op(B) then b, .): transposes, alpha folded
@@ -677,7 +681,9 @@ class _ConvLayer:
             last = right.reshape(r, c_out, kw).transpose(0, 2, 1).reshape(r * kw, c_out)
             return _Factors([vertical], _spatial_features(vertical, k), last, None, last)
         (r,) = ranks
-        out_f, in_f, y_f, x_f = linalg.cp_als(kernel, r, seed=seed)
+        out_f, in_f, y_f, x_f = linalg.cp_als(
+            kernel, r, iterations=_cp_iterations(kernel.shape, r), seed=seed
+        )
         last = out_f.T  # [R, C_out]
         return _Factors([in_f, y_f, x_f], _cp_features(in_f, y_f, x_f, k), last, None, last)
 
@@ -699,7 +705,7 @@ class _ConvLayer:
 
     # ---- the graph
 
-    def emit(self, graph: ir.Graph, plan: _Plan, factors: _Factors) -> None:
+    def emit(self, graph: ir.Graph, plan: _Plan, factors: _Factors) -> list[ir.Node]:
         c_out = self.kernel.shape[0]
         k = tuple(self.kernel.shape[2:])
         ones = (1,) * self.nd
@@ -727,7 +733,7 @@ class _ConvLayer:
             stages += [(y_f.T[:, None, :, None], self._attrs((0,), (k[0], 1), group=r))]
             stages += [(x_f.T[:, None, None, :], self._attrs((1,), (1, k[1]), group=r))]
             stages += [(factors.left.T[:, :, None, None], self._attrs((), ones))]
-        self._emit_stages(graph, stages, factors.offset)
+        return self._emit_stages(graph, stages, factors.offset)
 
     def _attrs(self, axes: Sequence[int], kernel: tuple[int, ...], group: int = 1) -> dict:
         """Attributes of a factor conv applying the original's geometry along `axes` only."""
@@ -750,7 +756,7 @@ class _ConvLayer:
             attrs["group"] = group
         return attrs
 
-    def _emit_stages(self, graph: ir.Graph, stages: list[tuple[np.ndarray, dict]], offset) -> None:
+    def _emit_stages(self, graph: ir.Graph, stages: list[tuple[np.ndarray, dict]], offset) -> list[ir.Node]:
         dtype = self.weight.dtype.numpy()
         x = self.node.inputs[0]
         nodes = []
@@ -772,6 +778,7 @@ class _ConvLayer:
             else:
                 _add_to_const(self.bias, offset)
         _drop_if_unused(graph, self.weight)
+        return nodes
 
 
 def _conv_layer(node: ir.Node, shapes: _Shapes) -> _ConvLayer | str:
@@ -875,6 +882,13 @@ def _plan_cp(conv: _ConvLayer, budget: int | None, energy: float | None, seed: i
     if rank is None:
         return f"energy {energy} needs a CP rank above {worth[-1]}, the largest that still saves"
     return "cp", (rank,)
+
+
+def _cp_iterations(shape: Sequence[int], rank: int) -> int:
+    """ALS sweeps within MAX_CP_WORK: 100 for small kernels, about 12 for a 512x512x3x3 one
+    at rank 1145 (each sweep costs ~4 products of the kernel with a rank-wide factor)."""
+    per_sweep = len(shape) * (2 * math.prod(shape) * rank + rank**3)
+    return int(min(100, max(10, MAX_CP_WORK // per_sweep)))
 
 
 def _cp_rank_for_energy(kernel: np.ndarray, energy: float, max_rank: int, seed: int) -> int | None:
@@ -999,6 +1013,14 @@ def _replace(graph: ir.Graph, old: ir.Node, chain: list[ir.Node]) -> None:
     if chain_out.name != name:
         old_out.name = None
         chain_out.name = name
+
+
+def _params_of(nodes: list[ir.Node]) -> int:
+    """Elements of the distinct constant inputs of `nodes` (weights, biases)."""
+    constants = {
+        id(v): v for node in nodes for v in node.inputs if v is not None and v.const_value is not None
+    }
+    return sum(v.const_value.size for v in constants.values())
 
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:

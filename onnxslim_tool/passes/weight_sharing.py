@@ -341,7 +341,8 @@ def refit_tables(model, calibration, targets, tables, *, seed: int = 0) -> list[
     For layer outputs y = P w (P: input patches), w = sum_k c_k S_k with S_k the signed
     indicator of code k, so y is linear in the table values c: accumulate the normal
     equations over sampled rows and solve them with a small ridge that pulls towards the
-    k-means values. A solution that fits worse than the starting values is discarded.
+    k-means values. A table is refit only if values fit on half of the sampled rows predict
+    the other half better than the starting values.
     """
     from onnxslim_tool import runtime  # onnxruntime, only when a refit runs
 
@@ -365,8 +366,8 @@ def refit_tables(model, calibration, targets, tables, *, seed: int = 0) -> list[
     for target, table, _, normal in jobs:
         before, after = normal.solve_into(table)
         notes.append(
-            f"refit {storage.layer_name(target.layer)}: layer output rel. error on calibration "
-            f"{before:.4f} -> {after:.4f}"
+            f"refit {storage.layer_name(target.layer)}: layer output rel. error on held-out "
+            f"calibration rows {before:.4f} -> {after:.4f}"
         )
     return notes
 
@@ -502,7 +503,8 @@ def _conv_patches(x: np.ndarray, conv: dict, chosen: np.ndarray) -> np.ndarray:
 
 
 class _Normal:
-    """Normal equations of one table's values: G c = h, per table row (one row per channel)."""
+    """Normal equations G c = h of a table's values (one system per channel for per-channel
+    tables), for two halves of the sampled rows: one fits, the other checks the fit."""
 
     def __init__(self, table: SharedTable, original: np.ndarray, view: LinearView) -> None:
         self.codes = view.to_rows(table.codes)  # [out, in_per_group]
@@ -511,65 +513,77 @@ class _Normal:
         self.per_channel = table.axis is not None
         self.k = table.values.shape[-1]
         tables = self.codes.shape[0] if self.per_channel else 1
-        self.gram = np.zeros((tables, self.k, self.k))
-        self.rhs = np.zeros((tables, self.k))
-        self.energy = 0.0
+        self.gram = np.zeros((2, tables, self.k, self.k))
+        self.rhs = np.zeros((2, tables, self.k))
+        self.energy = np.zeros((2, tables))
         self.group_size = self.codes.shape[0] // view.groups
 
     def add(self, patches: list[np.ndarray]) -> None:
-        from scipy import sparse  # scipy is heavy; only refits need it
-
         for g, patch in enumerate(patches):
             outputs = np.arange(g * self.group_size, (g + 1) * self.group_size)
             step = max(1, _CHUNK_ELEMENTS // max(1, patch.shape[0] * self.k))
             for start in range(0, outputs.size, step):
-                chunk = outputs[start : start + step]
-                codes = self.codes[chunk]  # [o, in]
-                signs = np.ones(codes.shape) if self.signs is None else self.signs[chunk]
-                cols = (np.arange(chunk.size)[:, None] * self.k + codes).ravel()
-                rows = np.tile(np.arange(codes.shape[1]), chunk.size)
-                basis = sparse.csr_matrix(
-                    (signs.ravel(), (rows, cols)), shape=(codes.shape[1], chunk.size * self.k)
-                )
-                design = np.asarray((basis.T @ patch.T).T).reshape(patch.shape[0], chunk.size, self.k)
-                target = patch @ self.weights[chunk].T  # [rows, o]
-                gram = np.einsum("rok,rol->okl", design, design)
-                rhs = np.einsum("rok,ro->ok", design, target)
-                if self.per_channel:
-                    self.gram[chunk] += gram
-                    self.rhs[chunk] += rhs
-                else:
-                    self.gram[0] += gram.sum(axis=0)
-                    self.rhs[0] += rhs.sum(axis=0)
-                self.energy += float((target**2).sum())
+                for half in (0, 1):  # alternate rows: samples for a Gemm, positions for a Conv
+                    self._accumulate(half, outputs[start : start + step], patch[half::2])
+
+    def _accumulate(self, half: int, chunk: np.ndarray, patch: np.ndarray) -> None:
+        from scipy import sparse  # scipy is heavy; only refits need it
+
+        codes = self.codes[chunk]  # [o, in]
+        signs = np.ones(codes.shape) if self.signs is None else self.signs[chunk]
+        cols = (np.arange(chunk.size)[:, None] * self.k + codes).ravel()
+        rows = np.tile(np.arange(codes.shape[1]), chunk.size)
+        basis = sparse.csr_matrix((signs.ravel(), (rows, cols)), shape=(codes.shape[1], chunk.size * self.k))
+        design = np.asarray((basis.T @ patch.T).T).reshape(patch.shape[0], chunk.size, self.k)
+        target = patch @ self.weights[chunk].T  # [rows, o]
+        gram = np.einsum("rok,rol->okl", design, design)
+        rhs = np.einsum("rok,ro->ok", design, target)
+        energy = (target**2).sum(axis=0)
+        if self.per_channel:
+            self.gram[half, chunk] += gram
+            self.rhs[half, chunk] += rhs
+            self.energy[half, chunk] += energy
+        else:
+            self.gram[half, 0] += gram.sum(axis=0)
+            self.rhs[half, 0] += rhs.sum(axis=0)
+            self.energy[half, 0] += energy.sum()
 
     def solve_into(self, table: SharedTable) -> tuple[float, float]:
-        """Refit `table.values` in place; returns the relative output error before and after."""
+        """Refit `table.values` in place where a fit on one half predicts the other better;
+        returns the held-out relative output error before and after."""
         values = np.atleast_2d(np.asarray(table.values, dtype=np.float64)).copy()
+        free = np.ones(self.k, dtype=bool)
+        if table.zero_reserved:
+            free[0] = False  # the pruning mask stays exact
         start_error = after_error = 0.0
         for t in range(values.shape[0]):
-            gram, rhs, start = self.gram[t], self.rhs[t], values[t]
-            free = np.ones(self.k, dtype=bool)
-            if table.zero_reserved:
-                free[0] = False  # the pruning mask stays exact
-            g = gram[np.ix_(free, free)]
-            ridge = 1e-4 * max(float(np.trace(g)) / max(1, free.sum()), 1e-12)
-            solved = start.copy()
-            solved[free] = np.linalg.solve(g + ridge * np.eye(g.shape[0]), rhs[free] + ridge * start[free])
-            before, after = _residual(gram, rhs, start), _residual(gram, rhs, solved)
-            if after < before:
-                values[t] = solved
+            start = values[t]
+            check = (self.gram[1, t], self.rhs[1, t], self.energy[1, t])
+            before = after = _residual(*check, start)
+            trial = _ridge_solve(self.gram[0, t], self.rhs[0, t], start, free)
+            if _residual(*check, trial) < before:  # validated: fit on both halves
+                values[t] = _ridge_solve(self.gram[:, t].sum(0), self.rhs[:, t].sum(0), start, free)
+                after = _residual(*check, trial)
             start_error += before
-            after_error += min(before, after)
+            after_error += after
         table.values = values if self.per_channel else values[0]
-        scale = max(self.energy, 1e-30)
+        scale = max(float(self.energy[1].sum()), 1e-30)
         return _rel(start_error, scale), _rel(after_error, scale)
 
 
-def _residual(gram: np.ndarray, rhs: np.ndarray, values: np.ndarray) -> float:
-    """||design @ values - target||^2 up to the constant ||target||^2."""
-    return float(values @ gram @ values - 2 * rhs @ values)
+def _ridge_solve(gram: np.ndarray, rhs: np.ndarray, start: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """Values minimising c'Gc - 2h'c + ridge ||c - start||^2 over the free entries."""
+    g = gram[np.ix_(free, free)]
+    ridge = 1e-4 * max(float(np.trace(g)) / max(1, int(free.sum())), 1e-12)
+    solved = start.copy()
+    solved[free] = np.linalg.solve(g + ridge * np.eye(g.shape[0]), rhs[free] + ridge * start[free])
+    return solved
+
+
+def _residual(gram: np.ndarray, rhs: np.ndarray, energy: float, values: np.ndarray) -> float:
+    """||design @ values - target||^2 from the normal equations."""
+    return float(values @ gram @ values - 2 * rhs @ values + energy)
 
 
 def _rel(residual: float, energy: float) -> float:
-    return float(np.sqrt(max(residual + energy, 0.0) / energy))
+    return float(np.sqrt(max(residual, 0.0) / energy))

@@ -278,6 +278,12 @@ def test_per_layer_override_and_milder_keep_more():
     assert LowRank(ratio=0.96).milder() is None
 
 
+def test_milder_with_energy_keeps_more_energy():
+    mild = LowRank(ratio=None, energy=0.9).milder()
+    assert mild.energy == pytest.approx(0.95) and mild.ratio is None
+    assert LowRank(ratio=None, energy=0.99995).milder() is None
+
+
 def test_bad_parameters_are_refused():
     for kwargs in ({"method": "qr"}, {"ratio": 0.0}, {"ratio": 1.5}, {"ratio": None}, {"energy": 2.0}):
         with pytest.raises(OnnxSlimError):
@@ -383,6 +389,17 @@ def test_conv_refit_reports_its_gain_and_keeps_shapes(method):
     before, after = (float(t.split()[0]) for t in gain.split("error ")[1].split("weight-only -> "))
     assert after < before
     assert run_proto(ir.to_proto(model), {"X": x[:2]})[0].shape == (2, 8, 8, 8)
+
+
+def test_pruned_capture_reads_the_same_tensors_as_a_full_session():
+    model = io.load(f"{SAMPLES}/digits_cnn.onnx")
+    names = [n.outputs[0].name for n in model.graph if n.op_type == "Conv"][:3] + ["input"]
+    feeds = list(_sample("cnn", "calib").validate(model).batches(64))[:2]
+    full = list(runtime.stream_tensors(model, names, feeds))
+    pruned = list(runtime.stream_tensors(model, names, feeds, prune=True))
+    for a, b in zip(full, pruned, strict=True):
+        for name in names:
+            np.testing.assert_array_equal(a[name], b[name])
 
 
 def test_no_data_means_weight_only_and_says_so():
