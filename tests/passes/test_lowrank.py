@@ -375,7 +375,9 @@ def test_refit_on_calibration_data_lowers_the_output_error_on_held_out_data():
 
 @pytest.mark.parametrize("method", ["svd", "spatial-svd", "cp", "tucker"])
 def test_conv_refit_reports_its_gain_and_keeps_shapes(method):
-    proto = conv_model(c_in=8, c_out=8, kernel=(3, 3), size=(8, 8), pads=[1, 1, 1, 1])
+    # Half the methods on a conv without bias: the refit's offset then becomes a new bias.
+    bias = method in ("spatial-svd", "tucker")
+    proto = conv_model(c_in=8, c_out=8, kernel=(3, 3), size=(8, 8), pads=[1, 1, 1, 1], bias=bias)
     rng = np.random.default_rng(5)
     # Smooth inputs: neighbouring pixels agree, so patches are far from isotropic.
     raw = rng.standard_normal((40, 8, 4, 4)).astype(np.float32)
@@ -389,6 +391,8 @@ def test_conv_refit_reports_its_gain_and_keeps_shapes(method):
     before, after = (float(t.split()[0]) for t in gain.split("error ")[1].split("weight-only -> "))
     assert after < before
     assert run_proto(ir.to_proto(model), {"X": x[:2]})[0].shape == (2, 8, 8, 8)
+    last = [n for n in model.graph if n.op_type == "Conv"][-1]
+    assert len(last.inputs) == 3  # the original bias, or the offset the refit added
 
 
 def test_pruned_capture_reads_the_same_tensors_as_a_full_session():
