@@ -268,6 +268,21 @@ def test_energy_picks_the_rank_that_keeps_that_share_of_squared_singular_values(
     assert "rank 4;" in record.changes[0].detail
 
 
+def test_conv_energy_selection_for_tucker_and_cp_and_the_rgb_input_rule():
+    proto = conv_model(c_in=16, c_out=16, kernel=(3, 3), size=(12, 12), pads=[1, 1, 1, 1])
+    _, record = _run_pass(proto, ratio=None, energy=0.5, method="tucker", refit=False)
+    assert record.changes[0].detail.startswith("tucker rank ")
+    _, record = _run_pass(proto, ratio=None, energy=0.3, method="cp", refit=False)
+    rank = int(record.changes[0].detail.split()[2].rstrip(";"))
+    kernel = numpy_helper.to_array(proto.graph.initializer[0]).astype(np.float64)
+    error = kernel - linalg.cp_reconstruct(linalg.cp_als(kernel, rank, iterations=50))
+    assert 1 - np.sum(error**2) / np.sum(kernel**2) >= 0.3  # the chosen CP rank keeps that energy
+    rgb = conv_model(c_in=3, c_out=64, kernel=(3, 3), size=(12, 12), pads=[1, 1, 1, 1])
+    _, record = _run_pass(rgb, ratio=0.5, method="tucker", refit=False)
+    assert record.changes[0].detail.startswith("svd rank 9;")  # 9 x (27 + 64) <= 864 weights
+    assert "input mode kept whole" in record.changes[0].detail
+
+
 def test_per_layer_override_and_milder_keep_more():
     proto = _mlp()
     _, record = _run_pass(proto, ratio=0.2, per_layer={"fc2": 0.6}, refit=False, min_params=0)
