@@ -271,7 +271,10 @@ class Pipeline:
                 return candidate, evaluation, outcome
             attempts.append(f"{candidate_pass!r}: {budget_problem}")
             last_reason, over_budget = budget_problem, True
-            candidate_pass = candidate_pass.milder()
+            gentler = candidate_pass.milder()
+            if gentler is not None:  # a backed-off pass calibrates on the same data as the first
+                gentler.bind_data(candidate_pass.calibration)
+            candidate_pass = gentler
         return (
             model,
             previous,
