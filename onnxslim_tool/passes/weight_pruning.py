@@ -94,7 +94,7 @@ class WeightPruning(CompressionPass):
                 return None
             params["sparsity"] = round(self.sparsity - 0.1, 4)
         mild = WeightPruning(**params)
-        mild.calibration = self.calibration  # the pipeline binds data to the first pass only
+        mild.calibration = self.calibration  # usable outside the pipeline too
         return mild
 
     def rewrite(self, model: ir.Model, record: PassRecord) -> None:

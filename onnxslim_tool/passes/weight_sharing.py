@@ -90,7 +90,7 @@ class WeightSharing(CompressionPass):
         params = self.params()
         params["bits"] = self.bits + 1
         mild = WeightSharing(**params)
-        mild.calibration = self.calibration  # the pipeline binds data to the first pass only
+        mild.calibration = self.calibration  # usable outside the pipeline too
         return mild
 
     def rewrite(self, model, record: PassRecord) -> None:
