@@ -139,6 +139,23 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise OnnxSlimError(f"{flag} '{text}': expected numbers separated by commas") from None
 
 
+def parse_layer_ratios(specs: list[str] | None) -> dict[str, float] | None:
+    """PATTERN=R (repeatable) into {PATTERN: R}; the pass checks the range."""
+    if not specs:
+        return None
+    ratios: dict[str, float] = {}
+    for spec in specs:
+        pattern, sep, value = spec.rpartition("=")
+        try:
+            if not sep or not pattern:
+                raise ValueError
+            ratios[pattern] = float(value)
+        except ValueError:
+            example = "e.g. 'conv5*=0.5'"
+            raise OnnxSlimError(f"--layer-ratio '{spec}': expected PATTERN=RATIO, {example}") from None
+    return ratios
+
+
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]] | None:
     """NAME=1x3x224x224 (or NAME=1,3,224,224) into {NAME: [1, 3, 224, 224]}."""
     if not specs:
@@ -351,6 +368,24 @@ def compress(
             "--round-to", help="Keep channel counts a multiple of N (8 runs fastest).", rich_help_panel=_PRUNE
         ),
     ] = None,
+    layer_ratio: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer-ratio",
+            help="Per-layer override PATTERN=R (glob on a group's producer names), e.g. "
+            "'*/head/*=0' or 'conv5*=0.5' (repeatable).",
+            rich_help_panel=_PRUNE,
+        ),
+    ] = None,
+    prune_ends: Annotated[
+        bool,
+        typer.Option(
+            "--prune-ends",
+            help="Also prune the first layer's outputs and the final layer's inputs "
+            "(protected by default: they cost the most accuracy per MAC).",
+            rich_help_panel=_PRUNE,
+        ),
+    ] = False,
     lowrank: Annotated[
         float | None,
         typer.Option(
@@ -451,7 +486,8 @@ def compress(
     if io.same_file(model, output) or model.resolve() == output.resolve():
         raise OnnxSlimError(f"output path is the input path: {output} (the input is never overwritten)")
     io.check_writable(output)  # fail before the work, not after it
-    method_flags = (prune_channels, target_macs, lowrank, energy, prune_weights, share_bits, quantize)
+    method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy)
+    method_flags += (prune_weights, share_bits, quantize)
     if recipe_name is None and data is not None and all(f is None for f in method_flags):
         recipe_name = DEFAULT_WITH_DATA
         if not quiet:
@@ -471,6 +507,8 @@ def compress(
             criterion=criterion,
             reconstruct=not no_reconstruct,
             round_to=round_to,
+            layer_ratios=parse_layer_ratios(layer_ratio),
+            prune_ends=prune_ends,
             prune_weights=prune_weights,
             lowrank=lowrank,
             energy=energy,

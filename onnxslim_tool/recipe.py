@@ -138,6 +138,8 @@ def recipe_from_flags(
     criterion: str | None = None,
     reconstruct: bool = True,
     round_to: int | None = None,
+    layer_ratios: dict[str, float] | None = None,
+    prune_ends: bool = False,
     prune_weights: float | None = None,
     lowrank: float | None = None,
     energy: float | None = None,
@@ -158,18 +160,24 @@ def recipe_from_flags(
     """
     common: dict[str, Any] = {"exclude": list(exclude)} if exclude else {}
     steps: list[Step] = []
-    pruning_channels = prune_channels is not None or target_macs is not None
+    pruning_channels = prune_channels is not None or target_macs is not None or bool(layer_ratios)
     steps.append(Step("cleanup", {"fold_batchnorm": not pruning_channels, **common}))
     if pruning_channels:
         params: dict[str, Any] = {"reconstruct": reconstruct, **common}
         if prune_channels is not None:
             params["ratio"] = prune_channels
+        elif target_macs is None:
+            params["ratio"] = 0.0  # only the layers named by --layer-ratio
         if target_macs is not None:
             params["target_macs"] = target_macs
         if criterion:
             params["criterion"] = criterion
         if round_to:
             params["round_to"] = round_to
+        if layer_ratios:
+            params["per_layer"] = dict(layer_ratios)
+        if prune_ends:
+            params["protect_ends"] = False
         steps += [Step("channel-pruning", params), Step("cleanup", dict(common))]
     if lowrank is not None or energy is not None:
         params = {"ratio": lowrank, "energy": energy, **common}

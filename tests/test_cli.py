@@ -139,6 +139,11 @@ def test_refusals_are_one_line_with_exit_1(monkeypatch, capsys, tmp_path):
         (("compress", CNN, "-o", tmp_path / "missing_dir" / "x.onnx", "--data", CNN_EVAL), "does not exist"),
         (("inspect", CNN, "--input-shape", "bogus=1x2"), "bogus"),
         (
+            ("compress", CNN, "-o", tmp_path / "o.onnx", "--layer-ratio", "res_a", "--synthetic"),
+            "PATTERN=RATIO",
+        ),
+        (("compress", CNN, "-o", tmp_path / "o.onnx", "--layer-ratio", "*=1.5", "--synthetic"), "[0, 1)"),
+        (
             (
                 "compress",
                 CNN,
@@ -159,6 +164,25 @@ def test_refusals_are_one_line_with_exit_1(monkeypatch, capsys, tmp_path):
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, (args, err)
     assert _sha(copy) == digest
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_layer_ratio_prunes_only_the_named_layers_and_prune_ends_lifts_the_protection(
+    monkeypatch, capsys, tmp_path
+):
+    def changed(*flags: str) -> dict[str, str]:
+        out_path = tmp_path / "pruned.onnx"
+        args = ("compress", CNN, "-o", out_path, "--data", CNN_EVAL, "--json", *flags)
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 0, err
+        (step,) = [s for s in json.loads(out)["steps"] if s["name"] == "channel-pruning"]
+        return {c["layer"]: c["detail"] for c in step["record"]["changes"]}
+
+    assert changed("--layer-ratio", "/res_a/*=0.5") == {"/res_a/res_a.0/Conv": "kept 8/16 channels"}
+    protected = changed("--prune-channels", "0.25")
+    assert "/stem/stem.0/Conv" not in protected and "/pointwise/pointwise.0/Conv" not in protected
+    everything = changed("--prune-channels", "0.25", "--prune-ends")
+    assert everything["/stem/stem.0/Conv"].startswith("kept 12/16")
+    assert everything["/pointwise/pointwise.0/Conv"] == "kept 24/32 channels"
 
 
 def test_console_script_entry_point_runs():

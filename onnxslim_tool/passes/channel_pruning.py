@@ -288,7 +288,7 @@ class ChannelPruning(CompressionPass):
         record: PassRecord,
     ) -> None:
         layers: list[LinearLayer] = []
-        for node in readers:
+        for node in _with_downstream(model.graph, readers):
             if node.graph is not model.graph or _is_depthwise(node):
                 continue  # depthwise: channels pass through one by one, nothing to redistribute
             layer = as_linear_layer(node)
@@ -560,6 +560,28 @@ def _group_label(g: DependencyGroup) -> str:
 def _reader_nodes(g: DependencyGroup) -> list[str]:
     """Nodes reading the group's channels through a weight: the layers to refit."""
     return list(dict.fromkeys([*g.consumers, *(m.node for m in g.members if m.role == "in" and m.node)]))
+
+
+def _with_downstream(graph: ir.Graph, readers: Sequence[ir.Node]) -> list[ir.Node]:
+    """`readers` and every weighted layer fed by them, directly or not: those layers see
+    the pruned model's (slightly different) activations too, and a refit toward the
+    original's outputs absorbs what the readers' refits could not (the last one most)."""
+    found = dict.fromkeys(readers)
+    seen = set(readers)
+    frontier = list(readers)
+    while frontier:
+        node = frontier.pop()
+        for out in node.outputs:
+            for use in out.uses():
+                user = use.node
+                if user in seen:
+                    continue
+                seen.add(user)
+                weight = user.inputs[1] if len(user.inputs) > 1 else None
+                if user.op_type in _WEIGHTED_OPS and weight is not None and const_array(weight) is not None:
+                    found[user] = None
+                frontier.append(user)
+    return list(found)
 
 
 def _weighted_nodes(g: DependencyGroup, nodes: dict[str, ir.Node]) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,8 +33,15 @@ import scipy.linalg
 from onnxslim_tool import runtime
 from onnxslim_tool.graph_utils import add_initializer, attr, const_array
 
-# Ridge strength relative to the mean diagonal of X^T X (the mean squared input).
+# Ridge strength relative to the mean diagonal of X^T X (the mean squared input), used when
+# the strength cannot be chosen by cross-validation.
 DEFAULT_ALPHA = 1e-3
+# Strengths tried by cross-validation; inf = keep the sliced weights, refit only the bias.
+ALPHA_GRID = (1e-3, 1e-2, 1e-1, 1.0, math.inf)
+# Cross-validation folds (whole calibration batches, so correlated rows of one sample never
+# sit on both sides) and the widest problem validated (K+1 Gram matrices of 8*n^2 bytes).
+CV_FOLDS = 4
+CV_MAX_INPUTS = 2048
 # Inputs per output of one least-squares problem: its Gram matrix takes 8*n^2 bytes (0.5 GB).
 MAX_FIT_INPUTS = 8192
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
@@ -375,6 +383,19 @@ class FitStats:
         self.target_sq += float((y**2).sum())
         self.rows += x.shape[0]
 
+    def __sub__(self, other: FitStats) -> FitStats:
+        out = FitStats.__new__(FitStats)
+        out.gram, out.cross = self.gram - other.gram, self.cross - other.cross
+        out.target_sq, out.rows = self.target_sq - other.target_sq, self.rows - other.rows
+        return out
+
+    @classmethod
+    def total(cls, parts: Sequence[FitStats]) -> FitStats:
+        out = cls.__new__(cls)
+        out.gram, out.cross = sum(p.gram for p in parts), sum(p.cross for p in parts)
+        out.target_sq, out.rows = sum(p.target_sq for p in parts), sum(p.rows for p in parts)
+        return out
+
     def residual(self, weight: np.ndarray, bias: np.ndarray) -> float:
         """||X W + b - Y||^2 for W [inputs, outputs], b [outputs]."""
         wa = np.vstack([weight, bias[None, :]])
@@ -385,8 +406,16 @@ class FitStats:
 def ridge_solve(
     stats: FitStats, w0: np.ndarray, b0: np.ndarray, alpha: float = DEFAULT_ALPHA, fit_bias: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """argmin ||X W + b - Y||^2 + lam ||W - W0||^2, lam = alpha * mean diag(X^T X); b free."""
+    """argmin ||X W + b - Y||^2 + lam ||W - W0||^2, lam = alpha * mean diag(X^T X); b free.
+
+    alpha = inf keeps W0 and fits only the bias (when `fit_bias`).
+    """
     d = w0.shape[0]
+    if math.isinf(alpha):
+        if not fit_bias or stats.rows == 0:
+            return w0.copy(), b0.copy()
+        # b = mean(Y - X W0): the ones column of the Gram holds the row sums.
+        return w0.copy(), (stats.cross[d] - stats.gram[d, :d] @ w0) / stats.rows
     scale = float(np.trace(stats.gram[:d, :d])) / max(d, 1)
     lam = alpha * scale if scale > 0 else alpha
     if fit_bias:
@@ -400,14 +429,21 @@ def ridge_solve(
 
 def _solve_pd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     try:
-        return scipy.linalg.solve(matrix, rhs, assume_a="pos")
+        with warnings.catch_warnings():
+            # Near-singular Grams (dead or duplicate channels) are expected; the ridge copes.
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            return scipy.linalg.solve(matrix, rhs, assume_a="pos")
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
         return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
 
 
 @dataclass
 class Refit:
-    """One layer's refit: relative output error (vs the original layer) before and after."""
+    """One layer's refit: relative output error (vs the original layer) before and after.
+
+    With cross-validation the errors are measured on held-out calibration batches and
+    `alpha` is the ridge strength they chose; otherwise they are training errors.
+    """
 
     layer: str
     error_before: float
@@ -415,19 +451,35 @@ class Refit:
     rows: int
     applied: bool
     reason: str = ""
+    alpha: float | None = None
+    held_out: bool = False
 
     def note(self) -> str:
         if self.reason:
             return f"not refit {self.layer}: {self.reason}"
         verb = "refit" if self.applied else "kept slice (refit did not help)"
-        errors = f"rel. error {self.error_before:.3g} -> {self.error_after:.3g}"
-        return f"{verb} {self.layer}: {errors} ({self.rows} rows)"
+        kind = "held-out rel. error" if self.held_out else "rel. error"
+        errors = f"{kind} {self.error_before:.3g} -> {self.error_after:.3g}"
+        ridge = (
+            ""
+            if self.alpha is None
+            else (", bias only" if math.isinf(self.alpha) else f", ridge {self.alpha:g}")
+        )
+        return f"{verb} {self.layer}: {errors} ({self.rows} rows{ridge})"
 
 
 class _Problem:
-    """The per-group least-squares problems of one layer, fed batch by batch."""
+    """The per-group least-squares problems of one layer, fed batch by batch.
 
-    def __init__(self, layer: LinearLayer, kept_outputs: np.ndarray, seed: int, rows_per_batch: int) -> None:
+    With `folds` > 1 the statistics are kept per fold (batch i goes to fold i mod folds), so
+    the ridge strength can be chosen on held-out batches: a layer with more inputs than
+    calibration samples (a classifier refit on a few hundred images) otherwise fits the
+    calibration set exactly and generalises worse than the plain slice.
+    """
+
+    def __init__(
+        self, layer: LinearLayer, kept_outputs: np.ndarray, seed: int, rows_per_batch: int, folds: int = 1
+    ) -> None:
         self.layer = layer
         self.kept = kept_outputs
         self.rng = np.random.default_rng(seed)
@@ -435,35 +487,86 @@ class _Problem:
         outputs, inputs, taps = layer.weight_shape
         self.block_out = outputs // layer.groups
         self.block_in = inputs
-        self.stats = [FitStats(inputs * taps, self.block_out) for _ in range(layer.groups)]
+        self.folds = folds
+        self.batches = 0
+        # stats[fold][group]
+        self.stats = [
+            [FitStats(inputs * taps, self.block_out) for _ in range(layer.groups)] for _ in range(folds)
+        ]
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         patches, target = self.layer.rows(x, y, self.rng, self.rows_per_batch)
         target = target[:, self.kept]
-        for g, stats in enumerate(self.stats):
+        fold = self.stats[self.batches % self.folds]
+        self.batches += 1
+        for g, stats in enumerate(fold):
             block = patches[:, g * self.block_in : (g + 1) * self.block_in]
             stats.add(
                 block.reshape(block.shape[0], -1), target[:, g * self.block_out : (g + 1) * self.block_out]
             )
 
-    def solve(self, alpha: float) -> Refit:
+    def solve(self, alpha: float | None) -> Refit:
         w, b = self.layer.weight(), self.layer.bias()
+        totals = [FitStats.total([fold[g] for fold in self.stats]) for g in range(self.layer.groups)]
+        starts = [self._start(w, b, g) for g in range(self.layer.groups)]
+        held_out = alpha is None and self.folds > 1 and min(self.batches, self.folds) == self.folds
+        if held_out:
+            alpha, before, after = cross_validate(self.stats, starts, self.layer.fits_bias)
+            applied = after < before
         new_w, new_b = np.empty_like(w), np.empty_like(b)
-        before = after = total = 0.0
-        for g, stats in enumerate(self.stats):
-            out = slice(g * self.block_out, (g + 1) * self.block_out)
-            w0 = w[out].reshape(self.block_out, -1).T
-            fit_w, fit_b = ridge_solve(stats, w0, b[out], alpha, fit_bias=self.layer.fits_bias)
-            before += stats.residual(w0, b[out])
-            after += stats.residual(fit_w, fit_b)
+        train_before = train_after = total = 0.0
+        for g, stats in enumerate(totals):
+            w0, b0 = starts[g]
+            fit_w, fit_b = ridge_solve(
+                stats, w0, b0, DEFAULT_ALPHA if alpha is None else alpha, self.layer.fits_bias
+            )
+            train_before += stats.residual(w0, b0)
+            train_after += stats.residual(fit_w, fit_b)
             total += stats.target_sq
+            out = slice(g * self.block_out, (g + 1) * self.block_out)
             new_w[out] = fit_w.T.reshape(w[out].shape)
             new_b[out] = fit_b
-        applied = after < before
+        if not held_out:
+            before, after = _relative(train_before, total), _relative(train_after, total)
+            applied = train_after < train_before
         if applied:
             self.layer.write(new_w, new_b)
-        rel = (lambda v: math.sqrt(v / total)) if total > 0 else (lambda v: 0.0)
-        return Refit(self.layer.name, rel(before), rel(after), self.stats[0].rows, applied)
+        return Refit(self.layer.name, before, after, totals[0].rows, applied, alpha=alpha, held_out=held_out)
+
+    def _start(self, w: np.ndarray, b: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+        out = slice(g * self.block_out, (g + 1) * self.block_out)
+        return w[out].reshape(self.block_out, -1).T, b[out]
+
+
+def cross_validate(
+    folds: Sequence[Sequence[FitStats]],
+    starts: Sequence[tuple[np.ndarray, np.ndarray]],
+    fit_bias: bool = True,
+) -> tuple[float, float, float]:
+    """The ridge strength of ALPHA_GRID with the least held-out error, and the relative
+    held-out errors of the slice (`starts`) and of that strength.
+
+    `folds[k][g]` holds fold k's statistics of problem g (a grouped conv has one problem per
+    group); each fold is predicted by a fit on all the others.
+    """
+    totals = [FitStats.total([fold[g] for fold in folds]) for g in range(len(starts))]
+    errors = np.zeros(len(ALPHA_GRID))
+    baseline = held_total = 0.0
+    for fold in folds:
+        for g, held in enumerate(fold):
+            train = totals[g] - held
+            w0, b0 = starts[g]
+            baseline += held.residual(w0, b0)
+            held_total += held.target_sq
+            for i, alpha in enumerate(ALPHA_GRID):
+                fit_w, fit_b = ridge_solve(train, w0, b0, alpha, fit_bias)
+                errors[i] += held.residual(fit_w, fit_b)
+    best = int(np.argmin(errors))
+    return ALPHA_GRID[best], _relative(baseline, held_total), _relative(float(errors[best]), held_total)
+
+
+def _relative(residual: float, total: float) -> float:
+    return math.sqrt(residual / total) if total > 0 else 0.0
 
 
 def refit_layers(
@@ -474,7 +577,7 @@ def refit_layers(
     kept_outputs: Mapping[str, np.ndarray] | None = None,
     *,
     max_rows: int = 20000,
-    alpha: float = DEFAULT_ALPHA,
+    alpha: float | None = None,
     seed: int = 0,
 ) -> list[Refit]:
     """Refit `layers` of `pruned` (in place) toward the same layers of `original`.
@@ -482,6 +585,9 @@ def refit_layers(
     `kept_outputs[output name]` lists which of the original layer's output channels the
     pruned layer still produces (default: all). Layers are processed in waves: a wave holds
     the layers none of the still-pending ones feed, so each fit sees the upstream refits.
+    `alpha` None chooses each layer's ridge strength by cross-validation over calibration
+    batches (when there are enough batches and the layer is narrow enough), and a refit
+    that does not beat the slice on held-out batches is not applied.
     """
     kept_outputs = kept_outputs or {}
     rows_per_batch = max(1, math.ceil(max_rows / max(1, len(feeds))))
@@ -498,7 +604,13 @@ def refit_layers(
     while pending:
         wave = _ready(pending)
         problems = [
-            _Problem(layer, _kept(layer, kept_outputs), seed * 100_003 + index[id(layer)], rows_per_batch)
+            _Problem(
+                layer,
+                _kept(layer, kept_outputs),
+                seed * 100_003 + index[id(layer)],
+                rows_per_batch,
+                _folds(layer, len(feeds), alpha),
+            )
             for layer in wave
         ]
         inputs = runtime.stream_tensors(pruned, [p.layer.input.name for p in problems], feeds)
@@ -510,6 +622,11 @@ def refit_layers(
         done = {id(layer) for layer in wave}
         pending = [layer for layer in pending if id(layer) not in done]
     return results
+
+
+def _folds(layer: LinearLayer, batches: int, alpha: float | None) -> int:
+    cross_validate = alpha is None and batches >= CV_FOLDS and _fit_inputs(layer) <= CV_MAX_INPUTS
+    return CV_FOLDS if cross_validate else 1
 
 
 def _fit_inputs(layer: LinearLayer) -> int:

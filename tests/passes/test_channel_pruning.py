@@ -122,6 +122,14 @@ def test_refit_fuses_a_channel_the_kept_ones_explain():
     assert any(n.startswith("refit conv2") for n in record.notes)
 
 
+def test_layers_downstream_of_the_readers_are_refit_too():
+    proto = _chain(RNG.standard_normal((4, 3, 1, 1)), RNG.standard_normal((5, 4, 3, 3)), relu=True)
+    _, record = _prune(ir.from_proto(proto), _tiny_data(3), **ONLY_CONV1)
+    refits = [n.split(":")[0] for n in record.notes if "refit" in n]
+    # conv2 reads the pruned channels; the head only sees conv2's (changed) output.
+    assert [r.split()[-1] for r in refits] == ["conv2", "head"]
+
+
 def test_zero_ratio_is_the_identity():
     proto = _chain(RNG.standard_normal((4, 3, 1, 1)), RNG.standard_normal((5, 4, 3, 3)), relu=True)
     data = _tiny_data(3)
@@ -216,8 +224,24 @@ def test_refit_recovers_most_of_what_slicing_loses(cnn, calib):
     sliced, _ = _prune(cnn, calib, ratio=0.3, reconstruct=False)
     assert _accuracy(refit, test) >= _accuracy(cnn, test) - 0.02
     assert _accuracy(sliced, test) < _accuracy(refit, test) - 0.03
-    errors = [n for n in record.notes if n.startswith("refit")]
-    assert len(errors) == 2  # res_b reads res_a's channels, pointwise reads the concat
+    refits = [n.split(":")[0].split()[-1] for n in record.notes if "refit" in n]
+    # res_b reads res_a's channels, pointwise the concat; the rest lie downstream of them.
+    assert refits == [
+        "/res_b/res_b.0/Conv",
+        "/branch_1x1/Conv",
+        "/branch_3x3/Conv",
+        "/pointwise/pointwise.0/Conv",
+        "/fc/Gemm",
+    ]
+
+
+def test_half_the_macs_within_one_point_of_fp32(cnn, calib):
+    """The issue's goal, measured on the 450 test samples: fp32 0.9911, l1 at 50% MACs with
+    the refit 0.9844 (cross-validated ridge, downstream layers refit toward the original)."""
+    test = _sample("eval").validate(cnn)
+    model, _ = _prune(cnn, calib, target_macs=0.5, criterion="l1")
+    assert analyze_cost(model).total_macs <= 0.5 * analyze_cost(cnn).total_macs
+    assert _accuracy(model, test) >= _accuracy(cnn, test) - 0.01
 
 
 def test_target_macs_is_met_and_reported(cnn, calib):

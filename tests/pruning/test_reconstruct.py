@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -14,6 +16,7 @@ from onnxslim_tool.pruning.reconstruct import (
     FitStats,
     as_linear_layer,
     conv_patches,
+    cross_validate,
     refit_layers,
     ridge_solve,
     sample_positions,
@@ -123,6 +126,38 @@ def test_bias_can_be_held_fixed():
     np.testing.assert_array_equal(b, 0.0)
     _, b = ridge_solve(stats, np.zeros((3, 2)), np.zeros(2), alpha=1e-9, fit_bias=True)
     np.testing.assert_allclose(b, 5.0, atol=1e-6)
+
+
+def test_infinite_ridge_keeps_the_weights_and_fits_only_the_bias():
+    x = RNG.standard_normal((300, 3))
+    w0 = RNG.standard_normal((3, 2))
+    stats = _stats(x, x @ w0 + np.array([1.5, -2.0]))
+    fit_w, fit_b = ridge_solve(stats, w0, np.zeros(2), alpha=math.inf)
+    np.testing.assert_array_equal(fit_w, w0)
+    np.testing.assert_allclose(fit_b, [1.5, -2.0], atol=1e-9)
+
+
+def _folds(x: np.ndarray, y: np.ndarray, k: int = 4) -> list[list[FitStats]]:
+    return [[_stats(x[part], y[part])] for part in np.array_split(np.arange(len(x)), k)]
+
+
+def test_cross_validation_refuses_to_interpolate_noise_with_few_rows():
+    # 40 rows, 60 inputs: a weak ridge fits the calibration rows exactly, noise included,
+    # and predicts held-out rows worse than the sliced weights do.
+    x = RNG.standard_normal((40, 60))
+    w0 = RNG.standard_normal((60, 3))
+    y = x @ w0 + 0.5 * RNG.standard_normal((40, 3))
+    alpha, before, after = cross_validate(_folds(x, y), [(w0, np.zeros(3))])
+    assert alpha >= 1.0
+    assert after <= before
+
+
+def test_cross_validation_picks_a_weak_ridge_when_rows_are_plentiful():
+    x = RNG.standard_normal((2000, 5))
+    w_true, w0 = RNG.standard_normal((5, 2)), RNG.standard_normal((5, 2))
+    alpha, before, after = cross_validate(_folds(x, x @ w_true), [(w0, np.zeros(2))])
+    assert alpha <= 1e-2
+    assert after < 0.01 * before
 
 
 # ----- whole layers in a model ------------------------------------------------------------------
