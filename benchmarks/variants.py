@@ -17,6 +17,11 @@ from benchmarks.subject import load_feeds
 
 REFERENCE = "fp32"
 ONNXSIM_KMEANS_BITS = 4  # the only width onnxsim 0.8.1's k-means accepts
+# The pruning study (detection agreement at 10/20/30% fewer MACs): our channel pruning
+# aimed at a MACs fraction, the peer at the same fraction of channels. Measured on request
+# (`--variants pruning`): on the large zoo models the refits take long.
+PRUNING_STUDY_CUTS = (0.1, 0.2, 0.3)
+STUDY = "pruning"
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Variant:
     tool: str  # "reference", "onnxslim_tool", "onnxruntime", "onnxslim", "onnxsim"
     description: str
     convert: Convert | None  # None for the fp32 reference itself
+    on_request: bool = False  # measured only when named (or its group is), not by default
 
 
 def catalogue() -> dict[str, Variant]:
@@ -79,6 +85,31 @@ def catalogue() -> dict[str, Variant]:
                 partial(_onnxsim_prune, ratio),
             )
         )
+    for cut in PRUNING_STUDY_CUTS:
+        pct = round(cut * 100)
+        variants.append(
+            Variant(
+                f"ours-prune-macs-{pct}",
+                "onnxslim_tool",
+                f"channel pruning to {100 - pct}% of the MACs (l1 scores, refit on the calibration "
+                "data, no accuracy budget), then cleanup",
+                partial(_ours_prune_macs, 1.0 - cut),
+                on_request=True,
+            )
+        )
+    existing = {round(r * 100) for r in recipe_pruning_ratios()}
+    for cut in PRUNING_STUDY_CUTS:
+        if round(cut * 100) not in existing:
+            variants.append(
+                Variant(
+                    f"onnxsim-prune-{round(cut * 100)}",
+                    "onnxsim",
+                    f"onnxsim.simplify then onnxsim.apply_structured_pruning(sparsity={cut}) "
+                    "(L2 importance, no data)",
+                    partial(_onnxsim_prune, cut),
+                    on_request=True,
+                )
+            )
     variants.append(
         Variant(
             f"onnxsim-kmeans-{ONNXSIM_KMEANS_BITS}bit",
@@ -103,11 +134,20 @@ def recipe_pruning_ratios() -> list[float]:
     return sorted(ratios)
 
 
+def study_variants() -> list[str]:
+    """The pruning study: ours at each MACs cut and onnxsim at the same channel fractions."""
+    pcts = [round(c * 100) for c in PRUNING_STUDY_CUTS]
+    return [f"ours-prune-macs-{p}" for p in pcts] + [f"onnxsim-prune-{p}" for p in pcts]
+
+
 def resolve(selection: str | None) -> list[str]:
-    names = list(catalogue())
+    table = catalogue()
+    names = list(table)
     if not selection:
-        return names
-    wanted = [s.strip() for s in selection.split(",") if s.strip()]
+        return [n for n in names if not table[n].on_request]
+    wanted = []
+    for item in (s.strip() for s in selection.split(",")):
+        wanted += study_variants() if item == STUDY else [item] if item else []
     unknown = [w for w in wanted if w not in names]
     if unknown:
         raise ValueError(f"unknown variant '{unknown[0]}'; variants: {', '.join(names)}")
@@ -134,6 +174,22 @@ def _ours(recipe: str, job: Job) -> dict[str, Any]:
         ],
         "gate_metric_before": result.accuracy_before,
         "gate_metric_after": result.accuracy_after,
+    }
+
+
+def _ours_prune_macs(target: float, job: Job) -> dict[str, Any]:
+    from onnxslim_tool import api
+    from onnxslim_tool.data import CalibrationData
+    from onnxslim_tool.passes import ChannelPruning, Cleanup
+
+    data = CalibrationData.from_npz(job.calibration) if job.calibration else None
+    passes = [Cleanup(fold_batchnorm=False), ChannelPruning(target_macs=target), Cleanup()]
+    result = api.compress(str(job.source), data, passes=passes, seed=job.seed)
+    result.save(job.target)
+    pruning = result.steps[1]
+    return {
+        "steps": [{"pass": s.name, "status": s.status, "seconds": round(s.seconds, 3)} for s in result.steps],
+        "notes": [n for n in pruning.record.notes if n.startswith("MACs target")] if pruning.record else [],
     }
 
 

@@ -38,7 +38,7 @@ from onnxslim_tool.graph_utils import add_initializer, attr, const_array
 DEFAULT_ALPHA = 1e-3
 # Strengths tried by cross-validation; inf = keep the sliced weights, refit only the bias.
 ALPHA_GRID = (1e-3, 1e-2, 1e-1, 1.0, math.inf)
-# Cross-validation folds (whole calibration batches, so correlated rows of one sample never
+# Cross-validation folds (whole calibration samples, so correlated rows of one sample never
 # sit on both sides) and the widest problem validated (K+1 Gram matrices of 8*n^2 bytes).
 CV_FOLDS = 4
 CV_MAX_INPUTS = 2048
@@ -441,7 +441,7 @@ def _solve_pd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 class Refit:
     """One layer's refit: relative output error (vs the original layer) before and after.
 
-    With cross-validation the errors are measured on held-out calibration batches and
+    With cross-validation the errors are measured on held-out calibration samples and
     `alpha` is the ridge strength they chose; otherwise they are training errors.
     """
 
@@ -471,8 +471,8 @@ class Refit:
 class _Problem:
     """The per-group least-squares problems of one layer, fed batch by batch.
 
-    With `folds` > 1 the statistics are kept per fold (batch i goes to fold i mod folds), so
-    the ridge strength can be chosen on held-out batches: a layer with more inputs than
+    With `folds` > 1 the statistics are kept per fold (sample i goes to fold i mod folds), so
+    the ridge strength can be chosen on held-out samples: a layer with more inputs than
     calibration samples (a classifier refit on a few hundred images) otherwise fits the
     calibration set exactly and generalises worse than the plain slice.
     """
@@ -488,20 +488,31 @@ class _Problem:
         self.block_out = outputs // layer.groups
         self.block_in = inputs
         self.folds = folds
-        self.batches = 0
+        self.samples = 0
         # stats[fold][group]
         self.stats = [
             [FitStats(inputs * taps, self.block_out) for _ in range(layer.groups)] for _ in range(folds)
         ]
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        patches, target = self.layer.rows(x, y, self.rng, self.rows_per_batch)
+        if self.folds == 1:
+            self._add(self.stats[0], x, y, self.rows_per_batch)
+            return
+        # Whole samples go to one fold, so correlated rows never sit on both sides.
+        fold_of = (self.samples + np.arange(len(x))) % self.folds
+        self.samples += len(x)
+        for fold in range(self.folds):
+            mine = np.flatnonzero(fold_of == fold)
+            if len(mine):
+                rows = max(1, round(self.rows_per_batch * len(mine) / len(x)))
+                self._add(self.stats[fold], x[mine], y[mine], rows)
+
+    def _add(self, stats: list[FitStats], x: np.ndarray, y: np.ndarray, rows: int) -> None:
+        patches, target = self.layer.rows(x, y, self.rng, rows)
         target = target[:, self.kept]
-        fold = self.stats[self.batches % self.folds]
-        self.batches += 1
-        for g, stats in enumerate(fold):
+        for g, group_stats in enumerate(stats):
             block = patches[:, g * self.block_in : (g + 1) * self.block_in]
-            stats.add(
+            group_stats.add(
                 block.reshape(block.shape[0], -1), target[:, g * self.block_out : (g + 1) * self.block_out]
             )
 
@@ -509,7 +520,7 @@ class _Problem:
         w, b = self.layer.weight(), self.layer.bias()
         totals = [FitStats.total([fold[g] for fold in self.stats]) for g in range(self.layer.groups)]
         starts = [self._start(w, b, g) for g in range(self.layer.groups)]
-        held_out = alpha is None and self.folds > 1 and min(self.batches, self.folds) == self.folds
+        held_out = alpha is None and self.folds > 1 and all(fold[0].rows for fold in self.stats)
         if held_out:
             alpha, before, after = cross_validate(self.stats, starts, self.layer.fits_bias)
             applied = after < before
@@ -586,8 +597,8 @@ def refit_layers(
     pruned layer still produces (default: all). Layers are processed in waves: a wave holds
     the layers none of the still-pending ones feed, so each fit sees the upstream refits.
     `alpha` None chooses each layer's ridge strength by cross-validation over calibration
-    batches (when there are enough batches and the layer is narrow enough), and a refit
-    that does not beat the slice on held-out batches is not applied.
+    samples (when each fold gets some and the layer is narrow enough), and a refit that
+    does not beat the slice on held-out samples is not applied.
     """
     kept_outputs = kept_outputs or {}
     rows_per_batch = max(1, math.ceil(max_rows / max(1, len(feeds))))
@@ -609,7 +620,7 @@ def refit_layers(
                 _kept(layer, kept_outputs),
                 seed * 100_003 + index[id(layer)],
                 rows_per_batch,
-                _folds(layer, len(feeds), alpha),
+                _folds(layer, alpha),
             )
             for layer in wave
         ]
@@ -624,9 +635,8 @@ def refit_layers(
     return results
 
 
-def _folds(layer: LinearLayer, batches: int, alpha: float | None) -> int:
-    cross_validate = alpha is None and batches >= CV_FOLDS and _fit_inputs(layer) <= CV_MAX_INPUTS
-    return CV_FOLDS if cross_validate else 1
+def _folds(layer: LinearLayer, alpha: float | None) -> int:
+    return CV_FOLDS if alpha is None and _fit_inputs(layer) <= CV_MAX_INPUTS else 1
 
 
 def _fit_inputs(layer: LinearLayer) -> int:
