@@ -110,6 +110,11 @@ class Quantize(CompressionPass):
         with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp, quiet():
             workdir = Path(tmp)
             prepared = prepare(model, workdir, per_channel=self.per_channel, notes=record.notes)
+            if not _has_float_constants(prepared.model):
+                # Every format shrinks float weights or constants; without any, onnxruntime's
+                # quantizers have nothing to do and fail on some such graphs (bool, string).
+                record.skip(model.graph.name or "model", NOTHING_TO_QUANTIZE)
+                return
             mode = self.mode
             if mode == "int8" and self.calibration is None:
                 record.notes.append("no calibration data: static int8 needs it, so int8-dynamic was used")
@@ -183,6 +188,18 @@ class Quantize(CompressionPass):
             elif node.op_type in self.exclude_ops:
                 excluded[node.name] = f"op type {node.op_type} kept float (exclude_ops)"
         return excluded
+
+
+NOTHING_TO_QUANTIZE = "no float weights or constants: nothing to quantize"
+
+
+def _has_float_constants(model: ir.Model) -> bool:
+    """Any float initializer or Constant node (subgraphs keep theirs as nodes) anywhere."""
+    for graph in model.graphs():
+        values = [*graph.initializers.values(), *(n.outputs[0] for n in graph if n.op_type == "Constant")]
+        if any(v.dtype is None or v.dtype.is_floating_point() for v in values):
+            return True
+    return False
 
 
 def _record_layers(model: ir.Model, excluded: dict[str, str], record: PassRecord) -> None:

@@ -67,6 +67,8 @@ class Judge:
 
 
 def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    if not _numeric(reference):  # strings, objects: only exact equality means anything
+        return 0.0 if np.array_equal(np.asarray(reference), np.asarray(candidate)) else float("inf")
     ref = np.asarray(reference, dtype=np.float64).ravel()
     cand = np.asarray(candidate, dtype=np.float64).ravel()
     norm = float(np.linalg.norm(ref))
@@ -74,6 +76,11 @@ def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
         return float("inf")
     diff = float(np.linalg.norm(cand - ref))
     return diff / norm if norm > 0 else diff
+
+
+def _numeric(array: np.ndarray) -> bool:
+    dtype = np.asarray(array).dtype
+    return bool(np.issubdtype(dtype, np.number) or dtype == np.bool_)
 
 
 def _covered_labels(data: CalibrationData) -> np.ndarray | None:

@@ -8,6 +8,7 @@ quantized model; `latency_report()` times the result beside fp32 and the other f
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -160,7 +161,8 @@ class Formats:
         feeds = self.probe_feeds()
         if not feeds:
             return ["latency not measured: no held-out samples"]
-        candidates = {"fp32": self.context.float_model, mode: result, **self._alternatives(mode)}
+        alternatives, unbuilt = self._alternatives(mode)
+        candidates = {"fp32": self.context.float_model, mode: result, **alternatives}
         lines = []
         for batch, feed in feeds:
             timed = latencies(candidates, feed)
@@ -178,25 +180,36 @@ class Formats:
                 lines.append(f"SLOWER than fp32 at batch {batch}: {mode} runs {ratios[mode]:.2f}x{hint}")
             if timed["fp32"] >= SMALL_MODEL_MS:
                 break  # compute-bound already at batch 1: a large batch says nothing new
-        return lines
+        return lines + unbuilt
 
-    def _alternatives(self, mode: str) -> dict[str, ir.Model]:
-        """The other int8 formats, built quickly (no repairs, no search) for the comparison."""
-        others: dict[str, ir.Model] = {}
+    def _alternatives(self, mode: str) -> tuple[dict[str, ir.Model], list[str]]:
+        """The other int8 formats, built quickly (no repairs, no search) for the comparison,
+        and a note for each one that could not be built (left out of the comparison)."""
+        quick = StaticOptions(
+            calibrator="minmax",
+            equalize=False,
+            bias_correction=False,
+            smoothquant=False,
+            activation_type="uint8",
+        )
+        builders: dict[str, Callable[[], ir.Model]] = {}
         if mode != "int8" and self.context.calibration is not None:
-            quick = StaticOptions(
-                calibrator="minmax",
-                equalize=False,
-                bias_correction=False,
-                smoothquant=False,
-                activation_type="uint8",
-            )
-            others["int8 (static)"] = self._static_flow(quick).model
+            builders["int8 (static)"] = lambda: self._static_flow(quick).model
         if mode != "int8-dynamic":
-            others["int8-dynamic"] = self.dynamic([])
+            builders["int8-dynamic"] = lambda: self.dynamic([])
         if mode != "int8-weights":
-            others["int8-weights"] = self.weights_only([])
-        return others
+            builders["int8-weights"] = lambda: self.weights_only([])
+        others: dict[str, ir.Model] = {}
+        notes = []
+        for name, build in builders.items():
+            try:
+                others[name] = build()
+            except Exception as exc:  # only a comparison: onnxruntime's quantizers fail on some graphs
+                reason = " ".join(str(exc).split())[:120]
+                notes.append(
+                    f"latency of {name} not compared: it could not be built ({type(exc).__name__}: {reason})"
+                )
+        return others, notes
 
     def probe_feeds(self) -> list[tuple[int, dict]]:
         """A batch of 1 and, when the model takes any batch size, a batch of up to 64."""
