@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnxruntime.quantization import quantize_dynamic
@@ -137,3 +138,37 @@ def test_static_without_data_falls_back_to_dynamic_and_says_so():
     assert any("int8-dynamic was used" in note for note in result.record.notes)
     assert any(node.op_type == "MatMulInteger" for node in model.graph)
     assert isinstance(model, ir.Model)
+
+
+def _single_node_model(op: str, elem_type: int) -> ir.Model:
+    from onnx import helper
+
+    inputs, shape = (["a"], ["N"]) if op == "StringNormalizer" else (["a", "b"], ["N", 3])
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"])],
+        op,
+        [helper.make_tensor_value_info(n, elem_type, shape) for n in inputs],
+        [helper.make_tensor_value_info("y", elem_type, None)],
+    )
+    return io.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+WORDS = {"a": np.array(["monday", "tuesday", "wednesday"], dtype=object)}
+BOOLS = {"a": np.ones((2, 3), bool), "b": np.zeros((2, 3), bool)}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+@pytest.mark.parametrize(
+    ("op", "elem_type", "arrays"),
+    [("StringNormalizer", onnx.TensorProto.STRING, WORDS), ("And", onnx.TensorProto.BOOL, BOOLS)],
+)
+def test_model_without_float_constants_is_a_no_op_with_the_reason(mode, op, elem_type, arrays):
+    # String and bool graphs (onnx's 'monday' and And tests) made onnxruntime's quantizers raise.
+    from onnxslim_tool.passes.quantization import NOTHING_TO_QUANTIZE
+
+    model = _single_node_model(op, elem_type)
+    data = CalibrationData.from_arrays(arrays, source="test")
+    result = api.compress(model, data, passes=[Quantize(mode)], eval_data=data)
+    step = result.steps[0]
+    assert step.status == "no-op", step.reason
+    assert [s.reason for s in step.record.skipped] == [NOTHING_TO_QUANTIZE]

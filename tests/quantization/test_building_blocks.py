@@ -176,3 +176,38 @@ def test_latency_report_flags_a_slower_result_and_names_the_faster_format(monkey
         lines[1] == "SLOWER than fp32 at batch 1: int8-dynamic runs 1.50x; int8 (static) measured 0.70x here"
     )
     assert lines[2].startswith("latency vs fp32 at batch 16 ")
+
+
+def test_latency_report_leaves_out_a_format_that_cannot_be_built(monkeypatch, tmp_path):
+    # onnxruntime's static quantizer raises on some graphs; the comparison must go on without it.
+    from onnxslim_tool.quantization import formats as formats_module
+    from onnxslim_tool.quantization.formats import Context, Formats
+    from onnxslim_tool.quantization.static import StaticOptions
+
+    model = io.load(qm.bias_shift_model())
+    calib, holdout = qm.data((16,), 32, 1), qm.data((16,), 16, 2)
+    formats = Formats(Context(model, True, {}, calib, holdout, tmp_path, StaticOptions()))
+
+    def broken(options):
+        raise RuntimeError("Only an existing tensor can be modified")
+
+    monkeypatch.setattr(formats, "_static_flow", broken)
+    monkeypatch.setattr(formats_module, "latencies", lambda models, feed: dict.fromkeys(models, 1.0))
+    lines = formats.latency_report("int8-dynamic", model)
+    assert "int8 (static)" not in lines[0] and "int8-weights 1.00x" in lines[0]
+    assert lines[-1].startswith("latency of int8 (static) not compared: it could not be built (RuntimeError")
+
+
+def test_judge_compares_string_outputs_exactly():
+    from onnxslim_tool.data import CalibrationData
+    from onnxslim_tool.quantization.evaluation import Judge
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["t"])],
+        "strings",
+        [helper.make_tensor_value_info("s", TensorProto.STRING, ["N"])],
+        [helper.make_tensor_value_info("t", TensorProto.STRING, ["N"])],
+    )
+    model = io.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    data = CalibrationData.from_arrays({"s": np.array(["monday", "tuesday"], dtype=object)}, source="test")
+    assert Judge(model, data).score(model).rel_error == 0.0
