@@ -10,8 +10,10 @@ import onnx
 import onnx_ir as ir
 
 from onnxslim_tool import __version__, io, metrics, runtime
+from onnxslim_tool.allocation import Target, search
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import DataError, OnnxSlimError
+from onnxslim_tool.passes import pass_class
 from onnxslim_tool.passes.base import CompressionPass
 from onnxslim_tool.passes.normalize import Cleanup
 from onnxslim_tool.pipeline import EVAL_BATCH, Pipeline, ProgressFn, Result, covered_labels
@@ -32,6 +34,9 @@ def compress(
     input_shapes: dict[str, Sequence[int]] | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    target: Target | None = None,
+    target_layers: int | None = 24,
+    n_jobs: int = 1,
 ) -> Result:
     """Run `passes` (default: lossless cleanup) on `model`, validated and gated pass by pass.
 
@@ -42,7 +47,18 @@ def compress(
     without it, `data` is split (seeded) so that no calibration sample is ever used to judge
     the result. Lossless passes may run with no data at all: they are then validated on
     synthetic random inputs, and the result says so.
+
+    `target` (size in bytes, MACs or latency as a fraction) lets a greedy search on measured
+    per-layer sensitivity choose the passes (`allocation.py`: the `target_layers` heaviest
+    layers are candidates, their evaluations run as `n_jobs` joblib jobs); give no passes
+    or recipe with it. The result's `allocation` says what was chosen and reached.
     """
+    if target is not None:
+        if passes is not None or recipe is not None:
+            raise OnnxSlimError("a target chooses its own passes: give no passes or recipe with it")
+        return _compress_to_target(
+            model, data, eval_data, target, max_drop, input_shapes, seed, progress, target_layers, n_jobs
+        )
     if recipe is not None:
         if passes is not None:
             raise OnnxSlimError("give either passes or a recipe, not both")
@@ -68,6 +84,54 @@ def compress(
     _record_provenance(result.model, recipe, model)
     if isinstance(model, (str, os.PathLike)):
         result.before.bytes = io.file_size(model)  # what is on disk, not a re-serialization
+    return result
+
+
+def _compress_to_target(
+    model: ir.Model | str | os.PathLike | onnx.ModelProto,
+    data: CalibrationData | None,
+    eval_data: CalibrationData | None,
+    target: Target,
+    max_drop: float | None,
+    input_shapes: dict[str, Sequence[int]] | None,
+    seed: int,
+    progress: ProgressFn | None,
+    target_layers: int | None,
+    n_jobs: int,
+) -> Result:
+    loaded = io.load(model, lift_constants=False)
+    io.check_finite_weights(loaded)
+    probe = [pass_class("channel-pruning")()]  # lossy and data-hungry: the split it needs
+    calibration, evaluation = _split_data(loaded, data, eval_data, probe, input_shapes, seed)
+    chosen_passes: list[CompressionPass] = []
+
+    def run(passes: list[CompressionPass]) -> Result:
+        chosen_passes[:] = passes
+        for p in passes:
+            p.bind_data(calibration)
+        pipeline = Pipeline(
+            passes, evaluation, max_drop=max_drop, input_shapes=input_shapes, progress=progress
+        )
+        return pipeline.run(loaded)
+
+    allocation, result = search(
+        loaded,
+        target,
+        calibration,
+        evaluation,
+        run,
+        max_layers=target_layers,
+        n_jobs=n_jobs,
+        seed=seed,
+        progress=progress,
+    )
+    result.allocation = allocation.to_dict()
+    recipe = Recipe(
+        [Step(p.name, p.params()) for p in chosen_passes], max_drop, seed, name=f"target-{target.kind}"
+    )
+    _record_provenance(result.model, recipe, model)
+    if isinstance(model, (str, os.PathLike)):
+        result.before.bytes = io.file_size(model)
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -15,10 +16,11 @@ import typer
 from rich.console import Console
 
 from onnxslim_tool import __version__, api, io, report
+from onnxslim_tool.allocation import Target
 from onnxslim_tool.cost import analyze_cost
 from onnxslim_tool.data import ImageOptions, load_data
 from onnxslim_tool.errors import BudgetError, OnnxSlimError
-from onnxslim_tool.recipe import BUILTIN, DEFAULT_WITH_DATA, recipe_from_flags, resolve
+from onnxslim_tool.recipe import BUILTIN, DEFAULT_WITH_DATA, Recipe, recipe_from_flags, resolve
 
 app = typer.Typer(
     name="onnxslim-tool",
@@ -137,6 +139,26 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise OnnxSlimError(f"{flag} '{text}': expected numbers separated by commas") from None
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2}
+
+
+def parse_size(text: str) -> int:
+    """'2MB', '500kB', '1.5MiB' or a plain byte count into bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise OnnxSlimError(f"--target-size '{text}': expected bytes like 2000000, 500kB or 2MB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _target(size: str | None, latency: float | None) -> Target | None:
+    if size is not None and latency is not None:
+        raise OnnxSlimError("give one of --target-size and --target-latency")
+    if size is not None:
+        return Target("size", parse_size(size))
+    return Target("latency", latency) if latency is not None else None
 
 
 def parse_layer_ratios(specs: list[str] | None) -> dict[str, float] | None:
@@ -368,6 +390,28 @@ def compress(
             "--round-to", help="Keep channel counts a multiple of N (8 runs fastest).", rich_help_panel=_PRUNE
         ),
     ] = None,
+    target_size: Annotated[
+        str | None,
+        typer.Option(
+            "--target-size",
+            help="Search per-layer methods and settings (measured sensitivity) until the "
+            "model is at most this size: bytes, or with kB/MB/GB, e.g. 2MB.",
+            rich_help_panel=_BUDGET,
+        ),
+    ] = None,
+    target_latency: Annotated[
+        float | None,
+        typer.Option(
+            "--target-latency",
+            help="Same search until onnxruntime CPU latency (batch 1) is at most this "
+            "fraction of the original's, e.g. 0.7.",
+            rich_help_panel=_BUDGET,
+        ),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option("--jobs", help="Parallel evaluations (joblib) for target searches; -1 = all cores."),
+    ] = 1,
     layer_ratio: Annotated[
         list[str] | None,
         typer.Option(
@@ -488,14 +532,21 @@ def compress(
     io.check_writable(output)  # fail before the work, not after it
     method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy)
     method_flags += (prune_weights, share_bits, quantize)
-    if recipe_name is None and data is not None and all(f is None for f in method_flags):
+    target = _target(target_size, target_latency)
+    if target is not None and (recipe_name is not None or any(f is not None for f in method_flags)):
+        raise OnnxSlimError(
+            "--target-size/--target-latency choose the methods themselves: drop the method flags"
+        )
+    if target is None and recipe_name is None and data is not None and all(f is None for f in method_flags):
         recipe_name = DEFAULT_WITH_DATA
         if not quiet:
             err.print(
                 f"no method flag given: using the '{recipe_name}' recipe "
                 f"({BUILTIN[recipe_name]['description']})"
             )
-    if recipe_name is not None:
+    if target is not None:
+        chosen = Recipe([], max_drop=max_drop, seed=seed, name=f"target-{target.kind}")
+    elif recipe_name is not None:
         chosen = resolve(recipe_name)
         chosen.seed = seed
         if max_drop is not None:
@@ -539,12 +590,17 @@ def compress(
         result = api.compress(
             model,
             calibration,
-            recipe=chosen,
+            recipe=None if target is not None else chosen,
             eval_data=held_out,
             input_shapes=shapes,
             progress=lambda msg: status.update(msg),
+            target=target,
+            max_drop=max_drop if target is not None else None,
+            seed=seed,
+            n_jobs=jobs,
         )
-    missed = result.over_budget
+    target_missed = result.allocation is not None and not result.allocation["met"]
+    missed = bool(result.over_budget) or target_missed
     written = result.save(output) if (not missed or keep_best) else None
     payload = {
         "output": str(written) if written else None,
@@ -558,10 +614,18 @@ def compress(
         _emit_json(_json_safe(payload))
     elif not quiet:
         report.print_result(out, result)
+        if result.allocation is not None:
+            for note in result.allocation["notes"]:
+                out.print(f"target search: {note}")
         if written:
             out.print(f"wrote {written}")
+    if target_missed:
+        raise BudgetError(
+            f"target {target.describe()} not met: reached {result.allocation['reached']:.4g}"
+            + ("" if written else " (nothing written; --keep-best writes the best model found)")
+        )
     if missed:
-        names = ", ".join(s.name for s in missed)
+        names = ", ".join(s.name for s in result.over_budget)
         raise BudgetError(
             f"accuracy budget {chosen.max_drop} not met by: {names}"
             + ("" if written else " (nothing written; --keep-best writes the best model found)")

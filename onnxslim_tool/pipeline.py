@@ -104,6 +104,8 @@ class Result:
     data_source: str
     synthetic_data: bool
     eval_samples: int
+    # Set when a target (size/MACs/latency) chose the passes: the search's decisions.
+    allocation: dict[str, Any] | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write the model atomically; `after.bytes` becomes the bytes really written."""
@@ -134,6 +136,7 @@ class Result:
                 "eval_samples": self.eval_samples,
             },
             "steps": [s.to_dict() for s in self.steps],
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
     @property

@@ -8,6 +8,7 @@ through joblib, so the same scan uses the local cores or, under
 
 from __future__ import annotations
 
+import glob
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.passes import pass_class
 from onnxslim_tool.pipeline import Evaluation, Pipeline, metric_drop
+from onnxslim_tool.pruning.depgraph import find_groups
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,24 @@ class Method:
     settings: tuple[Any, ...]
     op_types: tuple[str, ...]
     fixed: tuple[tuple[str, Any], ...] = ()
+    # Channel pruning acts on dependency groups, which span several layers (a producer and
+    # its readers), so "this layer alone" is its group named by producer, not `include`.
+    by_producer: bool = False
+
+    def params_for(self, layer: str, value: Any) -> dict[str, Any]:
+        if self.by_producer:
+            return {"ratio": 0.0, "per_layer": {glob.escape(layer): value}, "protect_ends": False}
+        return {self.parameter: value, "include": [layer], **dict(self.fixed)}
 
 
 METHODS: dict[str, Method] = {
     "prune": Method(
-        "prune", "channel-pruning", "ratio", (0.1, 0.3, 0.5, 0.7), ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        "prune",
+        "channel-pruning",
+        "ratio",
+        (0.1, 0.3, 0.5, 0.7),
+        ("Conv", "ConvTranspose", "Gemm", "MatMul"),
+        by_producer=True,
     ),
     "lowrank": Method("lowrank", "lowrank", "ratio", (0.75, 0.5, 0.25), ("Conv", "Gemm", "MatMul")),
     "share": Method(
@@ -58,6 +73,7 @@ class Point:
     params_after: int | None = None
     macs_after: int | None = None
     error: str = ""
+    bytes_after: int | None = None
 
 
 @dataclass
@@ -113,6 +129,11 @@ def scan(
     spec = METHODS[method]
     values = tuple(settings) if settings else spec.settings
     candidates = candidate_layers(model, spec.op_types)
+    if spec.by_producer:
+        # One candidate per prunable group (named by its first producer): the other
+        # producers of a group (residual branches) would repeat the same measurement.
+        firsts = {g.producers[0] for g in find_groups(model) if g.prunable and g.producers}
+        candidates = [c for c in candidates if c[0] in firsts]
     if layers:
         candidates = [c for c in candidates if c[0] in set(layers)]
     if max_layers is not None:
@@ -155,7 +176,7 @@ def _measure_one(
     """One job: a fresh model, one pass on one layer, one measurement. Never raises."""
     model = io.load(serialized)
     cls = pass_class(spec.pass_name)
-    params: dict[str, Any] = {spec.parameter: value, "include": [layer], **dict(spec.fixed)}
+    params = spec.params_for(layer, value)
     try:
         compression = cls(**params, seed=seed) if "seed" in _init_params(cls) else cls(**params)
         compression.bind_data(calibration)
@@ -167,7 +188,9 @@ def _measure_one(
         return Point(value, None, "", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
     drop, metric = metric_drop(reference, candidate)
     cost = analyze_cost(model)
-    return Point(value, drop, metric, cost.total_params, cost.total_macs)
+    return Point(
+        value, drop, metric, cost.total_params, cost.total_macs, bytes_after=io.serialized_size(model)
+    )
 
 
 def _init_params(cls: type) -> set[str]:

@@ -144,6 +144,11 @@ def test_refusals_are_one_line_with_exit_1(monkeypatch, capsys, tmp_path):
         ),
         (("compress", CNN, "-o", tmp_path / "o.onnx", "--layer-ratio", "*=1.5", "--synthetic"), "[0, 1)"),
         (
+            ("compress", CNN, "-o", tmp_path / "o.onnx", "--target-size", "20kB", "--quantize", "int8"),
+            "drop the method flags",
+        ),
+        (("compress", CNN, "-o", tmp_path / "o.onnx", "--target-latency", "1.5", "--synthetic"), "(0, 1)"),
+        (
             (
                 "compress",
                 CNN,
