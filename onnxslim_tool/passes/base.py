@@ -83,7 +83,10 @@ class CompressionPass(ir.passes.InPlacePass):
 
     def params(self) -> dict[str, Any]:
         """Constructor parameters, for the report and for replaying a run."""
-        out = {k: v for k, v in vars(self).items() if not k.startswith("_") and _plain(v)}
+        # The bound data is state, not a parameter (None would pass the plain-value test).
+        out = {
+            k: v for k, v in vars(self).items() if not k.startswith("_") and k != "calibration" and _plain(v)
+        }
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
     def selects(self, node: ir.Node) -> tuple[bool, str]:

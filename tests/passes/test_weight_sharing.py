@@ -180,6 +180,8 @@ def test_milder_adds_a_bit_until_eight_with_the_same_data() -> None:
     assert strict.milder().bits == 4 and strict.milder().calibration is strict.calibration
     assert WeightSharing(3, per_channel=True).milder().per_channel
     assert WeightSharing(8).milder() is None
+    # Backing off twice (the gate does when the first step is not enough) must work too.
+    assert WeightSharing(3).milder().milder().bits == 5
 
 
 @pytest.mark.parametrize(
