@@ -42,6 +42,9 @@ ALPHA_GRID = (1e-3, 1e-2, 1e-1, 1.0, math.inf)
 # sit on both sides) and the widest problem validated (K+1 Gram matrices of 8*n^2 bytes).
 CV_FOLDS = 4
 CV_MAX_INPUTS = 2048
+# With this many rows per unknown the default ridge cannot overfit: cross-validation (5 solves
+# and residuals per fold, the bulk of a wide layer's refit time) is skipped.
+CV_ROWS_PER_INPUT = 20
 # Inputs per output of one least-squares problem: its Gram matrix takes 8*n^2 bytes (0.5 GB).
 MAX_FIT_INPUTS = 8192
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
@@ -557,7 +560,8 @@ class _Problem:
         w, b = self.layer.weight(), self.layer.bias()
         totals = [FitStats.total([fold[g] for fold in self.stats]) for g in range(self.layer.groups)]
         starts = [self._start(w, b, g) for g in range(self.layer.groups)]
-        held_out = alpha is None and self.folds > 1 and all(fold[0].rows for fold in self.stats)
+        few_rows = totals[0].rows < CV_ROWS_PER_INPUT * totals[0].gram.shape[0]
+        held_out = alpha is None and self.folds > 1 and few_rows and all(fold[0].rows for fold in self.stats)
         if held_out:
             alpha, before, after = cross_validate(self.stats, starts, self.layer.fits_bias)
             applied = after < before
