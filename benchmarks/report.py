@@ -12,7 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-PLOT_NAME = "benchmarks_size_accuracy.png"
+# The plot sits next to its report: benchmarks.md -> benchmarks_size_accuracy.png.
+PLOT_SUFFIX = "_size_accuracy.png"
 SIZE_TICKS = (0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0)
 TOOL_STYLE = {  # marker and colour per tool, the same in every panel
     "reference": ("*", "black"),
@@ -26,12 +27,12 @@ TOOL_STYLE = {  # marker and colour per tool, the same in every panel
 def write(results: dict[str, Any], markdown_path: Path) -> list[Path]:
     """Write the Markdown report and, when matplotlib is installed, the plot next to it."""
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
-    plot_path = markdown_path.parent / PLOT_NAME
+    plot_path = markdown_path.with_name(markdown_path.stem + PLOT_SUFFIX)
     written = []
     has_plot = plot_size_vs_metric(results, plot_path)
     if has_plot:
         written.append(plot_path)
-    markdown_path.write_text(markdown(results, PLOT_NAME if has_plot else None))
+    markdown_path.write_text(markdown(results, plot_path.name if has_plot else None))
     written.insert(0, markdown_path)
     return written
 
