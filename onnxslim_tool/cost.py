@@ -246,12 +246,59 @@ def _infer_shapes(model: ir.Model, fixed: dict[str, StaticShape], notes: list[st
         if value_info.name in fixed and value_info.type.HasField("tensor_type"):
             _set_dims(value_info, fixed[value_info.name])
     _strip_big_initializers(proto.graph)
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort; the stored shapes still help
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        notes.append(f"ONNX shape inference failed ({reason}); using the shapes stored in the model")
+    # onnx cannot infer through contrib ops (MatMulNBits): their outputs get a shape from our
+    # rule and inference runs again from there, once per contrib op on a chain at most.
+    for _ in range(1 + sum(n.op_type in _CONTRIB_SHAPES for n in proto.graph.node)):
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        except Exception as exc:  # noqa: BLE001 - inference is best effort; the stored shapes still help
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            notes.append(f"ONNX shape inference failed ({reason}); using the shapes stored in the model")
+            break
+        if not _add_contrib_shapes(proto.graph):
+            break
     return _proto_value_infos(proto.graph)
+
+
+def _matmul_nbits_shape(node: onnx.NodeProto, inputs: list[Shape | None]) -> Shape | None:
+    """[..., K] x packed [N, K] -> [..., N]."""
+    n = next((a.i for a in node.attribute if a.name == "N"), None)
+    return None if not inputs or inputs[0] is None or n is None else (*inputs[0][:-1], n)
+
+
+_CONTRIB_SHAPES = {"MatMulNBits": _matmul_nbits_shape}
+
+
+def _more_static(new: Shape, old: Shape | None) -> bool:
+    def fixed(shape: Shape) -> int:
+        return sum(isinstance(d, int) for d in shape)
+
+    return old is None or fixed(new) > fixed(old)
+
+
+def _add_contrib_shapes(graph: onnx.GraphProto) -> bool:
+    """Give contrib ops' outputs the shape their rule derives (replacing a stored shape with
+    symbolic dims, as quantizers write them); True when any shape changed."""
+    known = _proto_value_infos(graph)
+    stored = {vi.name: vi for vi in graph.value_info}
+    added = False
+    for node in graph.node:
+        rule = _CONTRIB_SHAPES.get(node.op_type)
+        if rule is None or not node.output:
+            continue
+        first = known.get(node.input[0]) if node.input else None
+        shape = rule(node, [first[0] if first else None])
+        current = known.get(node.output[0], (None, None))[0]
+        if shape is None or current == shape or not _more_static(shape, current):
+            continue
+        dtype = first[1] if first and first[1] is not None else ir.DataType.FLOAT
+        info = onnx.helper.make_tensor_value_info(node.output[0], int(dtype), list(shape))
+        if node.output[0] in stored:
+            stored[node.output[0]].CopyFrom(info)
+        else:
+            graph.value_info.append(info)
+        added = True
+    return added
 
 
 class _ShapeTable:

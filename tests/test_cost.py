@@ -210,6 +210,22 @@ def test_matmul_nbits_counts_logical_weights() -> None:
     assert cost.total_params == 16 * 8 + 8
 
 
+def test_layers_after_matmul_nbits_keep_their_macs() -> None:
+    """onnx cannot infer through the contrib op, and quantizers store its output with symbolic
+    dims: the MatMul reading it must still be counted, at the resolved batch."""
+    nbits = helper.make_node(
+        "MatMulNBits", ["a", "b", "s"], ["h"], domain="com.microsoft", K=16, N=8, bits=4, block_size=16
+    )
+    after = helper.make_node("MatMul", ["h", "w"], ["y"])
+    inits = [_init("b", [8, 1, 8], np.uint8), _init("s", [8]), _init("w", [8, 4])]
+    proto = ir.to_proto(
+        _model([nbits, after], {"a": ["N", 16]}, ["y"], inits, extra_opsets={"com.microsoft": 1})
+    )
+    proto.graph.value_info.append(helper.make_tensor_value_info("h", FLOAT, ["unk__0", 8]))
+    cost = analyze_cost(ir.from_proto(proto), input_shapes={"a": [3, 16]})
+    assert [layer.macs for layer in cost.layers] == [3 * 16 * 8, 3 * 8 * 4]
+
+
 # --------------------------------------------------------------------------- inputs and dims
 
 
