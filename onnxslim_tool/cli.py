@@ -504,9 +504,14 @@ def compress(
     report_path: Annotated[
         Path | None, typer.Option("--report", help="Also write the JSON report here.")
     ] = None,
-    seed: Annotated[
-        int, typer.Option(help="Seed for every random choice; same seed, same output bytes.")
-    ] = 0,
+    seed_option: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="Seed for every random choice; same seed, same output bytes. "
+            "Default: the recipe file's seed, else 0.",
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing but errors (for pipelines).")
@@ -533,6 +538,8 @@ def compress(
     method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy)
     method_flags += (prune_weights, share_bits, quantize)
     target = _target(target_size, target_latency)
+    if recipe_name is not None and any(f is not None for f in method_flags):
+        raise OnnxSlimError("give either --recipe or method flags (put the methods in the recipe)")
     if target is not None and (recipe_name is not None or any(f is not None for f in method_flags)):
         raise OnnxSlimError(
             "--target-size/--target-latency choose the methods themselves: drop the method flags"
@@ -545,10 +552,11 @@ def compress(
                 f"({BUILTIN[recipe_name]['description']})"
             )
     if target is not None:
-        chosen = Recipe([], max_drop=max_drop, seed=seed, name=f"target-{target.kind}")
+        chosen = Recipe([], max_drop=max_drop, seed=seed_option or 0, name=f"target-{target.kind}")
     elif recipe_name is not None:
         chosen = resolve(recipe_name)
-        chosen.seed = seed
+        if seed_option is not None:
+            chosen.seed = seed_option
         if max_drop is not None:
             chosen.max_drop = max_drop
     else:
@@ -570,8 +578,9 @@ def compress(
             calibrator=calibrator,
             max_drop=max_drop,
             exclude=exclude,
-            seed=seed,
+            seed=seed_option or 0,
         )
+    seed = chosen.seed
     chosen.build()  # a bad parameter fails here, before any data is read
     loaded = io.load(model)
     shapes = parse_input_shapes(input_shape)

@@ -202,7 +202,7 @@ def recipe_from_flags(
     return recipe
 
 
-# Built-in recipes: starting points that compose the passes sensibly. Each runs under a
+# Built-in recipes: starting points that compose the passes sensibly. The lossy ones run under a
 # 1-point budget by default; the gate backs off whatever breaks it.
 BUILTIN: dict[str, dict[str, Any]] = {
     "lossless": {

@@ -149,6 +149,10 @@ def test_refusals_are_one_line_with_exit_1(monkeypatch, capsys, tmp_path):
         ),
         (("compress", CNN, "-o", tmp_path / "o.onnx", "--target-latency", "1.5", "--synthetic"), "(0, 1)"),
         (
+            ("compress", CNN, "-o", tmp_path / "o.onnx", "--recipe", "safe", "--quantize", "int8"),
+            "either --recipe or method flags",
+        ),
+        (
             (
                 "compress",
                 CNN,
@@ -188,6 +192,22 @@ def test_layer_ratio_prunes_only_the_named_layers_and_prune_ends_lifts_the_prote
     everything = changed("--prune-channels", "0.25", "--prune-ends")
     assert everything["/stem/stem.0/Conv"].startswith("kept 12/16")
     assert everything["/pointwise/pointwise.0/Conv"] == "kept 24/32 channels"
+
+
+def test_a_recipe_files_seed_holds_unless_seed_is_given(monkeypatch, capsys, tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"passes": ["cleanup"], "seed": 7}))
+
+    def seed_written(*flags: str) -> str:
+        out_path = tmp_path / "out.onnx"
+        code, _, err = run_cli(
+            monkeypatch, capsys, "compress", CNN, "-o", out_path, "--recipe", recipe, *flags
+        )
+        assert code == 0, err
+        return {p.key: p.value for p in onnx.load(str(out_path)).metadata_props}["onnxslim_tool.seed"]
+
+    assert seed_written() == "7"
+    assert seed_written("--seed", "3") == "3"
 
 
 def test_console_script_entry_point_runs():
