@@ -102,8 +102,13 @@ class Recipe:
         for step in self.steps:
             cls = pass_class(step.name)
             params = dict(step.params)
-            if "seed" in _constructor_params(step.name):
+            accepted = _constructor_params(step.name)
+            if "seed" in accepted:
                 params.setdefault("seed", self.seed)
+            if "max_drop" in accepted and self.max_drop is not None:
+                # A pass with its own budget search (quantize's mixed precision) gets the
+                # recipe's, so it keeps layers in float up front rather than after a back-off.
+                params.setdefault("max_drop", self.max_drop)
             try:
                 passes.append(cls(**params))
             except OnnxSlimError:
