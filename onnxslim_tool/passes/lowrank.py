@@ -44,7 +44,7 @@ import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 
 from onnxslim_tool import linalg, runtime
-from onnxslim_tool.cost import _infer_shapes
+from onnxslim_tool.cost import value_shapes
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.graph_utils import add_initializer, attr, bypass, const_array, unique_name
@@ -231,7 +231,7 @@ _Shapes = dict[str, tuple]
 
 def _value_shapes(model: ir.Model, record: PassRecord) -> _Shapes:
     notes: list[str] = []
-    table = {name: shape for name, (shape, _) in _infer_shapes(model, {}, notes).items() if shape is not None}
+    table = value_shapes(model, notes)
     record.notes.extend(notes)
     return table
 
