@@ -51,6 +51,13 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
     ]
     if meta.get("quick"):
         lines += ["> **Quick run** (`--quick`): fewer samples and latency runs; not for quoting.", ""]
+    if "finished" not in meta:
+        measured = ", ".join(s["name"] for s in results["subjects"]) or "none"
+        lines += [
+            f"> **Stopped before it finished**: only these subjects were measured: {measured}. "
+            "The rest of the command's subjects are not in this report.",
+            "",
+        ]
     lines += _machine_lines(meta) + _reading_guide(meta)
     if plot_name:
         lines += ["## Size vs metric", "", f"![size vs metric per subject]({plot_name})", ""]
