@@ -25,7 +25,7 @@ from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.graph_utils import attr, const_array
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
 from onnxslim_tool.pruning import importance
-from onnxslim_tool.pruning.apply import apply_plan
+from onnxslim_tool.pruning.apply import apply_plan, values_by_name
 from onnxslim_tool.pruning.depgraph import find_groups, node_labels
 from onnxslim_tool.pruning.groups import ChannelRef, DependencyGroup, PruningPlan
 from onnxslim_tool.pruning.reconstruct import LinearLayer, as_linear_layer, refit_layers
@@ -393,7 +393,7 @@ class _Evidence:
         return out
 
     def _made_by(self, tensor: str, ops: frozenset[str]) -> bool:
-        value = _values_by_name(self.model.graph).get(tensor)
+        value = values_by_name(self.model.graph).get(tensor)
         producer = value.producer() if value is not None else None
         return producer is not None and producer.op_type in ops
 
@@ -593,14 +593,6 @@ def _weighted_nodes(g: DependencyGroup, nodes: dict[str, ir.Node]) -> list[str]:
 def _nodes_by_label(graph: ir.Graph) -> dict[str, ir.Node]:
     """Nodes by the label ChannelRef.node uses (the name, or `OpType#index` when unnamed)."""
     return {label: node for node, label in node_labels(graph).items()}
-
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs}
-    values.update(graph.initializers)
-    for node in graph:
-        values.update({o.name: o for o in node.outputs if o.name})
-    return values
 
 
 def _end_layers(graph: ir.Graph) -> tuple[set[str], set[str]]:

@@ -142,7 +142,7 @@ class _Editor:
         self.opset = opset
         self.labels = node_labels(self.graph)
         self.nodes = {label: node for node, label in self.labels.items()}
-        self.values = _values_by_name(self.graph)
+        self.values = values_by_name(self.graph)
         self._taken = set(self.values)
         self._dims: dict[str, tuple] = {}
         self._maybe_dead: list[ir.Value] = []
@@ -232,7 +232,8 @@ class _Editor:
                 self._maybe_dead.extend(inputs)
 
 
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of the graph: inputs, initializers and node outputs."""
     values = {v.name: v for v in graph.inputs}
     values.update(graph.initializers)
     for node in graph:
