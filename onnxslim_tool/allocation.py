@@ -21,8 +21,7 @@ checked with interleaved onnxruntime timings of the result against the original.
 
 from __future__ import annotations
 
-import glob
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,7 +179,7 @@ def greedy(options: Sequence[Option], goal_saving: float) -> tuple[dict[str, Opt
     return chosen, saved
 
 
-def build_passes(options: Sequence[Option] | Any, seed: int = 0) -> list[CompressionPass]:
+def build_passes(options: Iterable[Option], seed: int = 0) -> list[CompressionPass]:
     """One pass per (method, setting), restricted to the layers that chose it; pruning
     first, then low rank, then sharing (the order that composes best)."""
     order = {"prune": 0, "lowrank": 1, "share": 2}
@@ -191,15 +190,8 @@ def build_passes(options: Sequence[Option] | Any, seed: int = 0) -> list[Compres
     for (method, setting), layers in grouped.items():
         spec = sensitivity.METHODS[method]
         cls = pass_class(spec.pass_name)
-        if spec.by_producer:
-            params: dict[str, Any] = {
-                "ratio": 0.0,
-                "per_layer": {glob.escape(layer): setting for layer in layers},
-                "protect_ends": False,
-            }
-        else:
-            params = {spec.parameter: setting, "include": list(layers), **dict(spec.fixed)}
-        if "seed" in sensitivity._init_params(cls):
+        params = spec.params_for(layers, setting)
+        if "seed" in sensitivity.init_params(cls):
             params["seed"] = seed
         passes.append(cls(**params))
     pruned = [i for i, p in enumerate(passes) if p.name == "channel-pruning"]

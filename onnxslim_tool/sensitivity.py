@@ -40,10 +40,12 @@ class Method:
     # its readers), so "this layer alone" is its group named by producer, not `include`.
     by_producer: bool = False
 
-    def params_for(self, layer: str, value: Any) -> dict[str, Any]:
+    def params_for(self, layers: Sequence[str], value: Any) -> dict[str, Any]:
+        """Pass parameters that apply `value` to `layers` and nothing else."""
         if self.by_producer:
-            return {"ratio": 0.0, "per_layer": {glob.escape(layer): value}, "protect_ends": False}
-        return {self.parameter: value, "include": [layer], **dict(self.fixed)}
+            per_layer = {glob.escape(layer): value for layer in layers}
+            return {"ratio": 0.0, "per_layer": per_layer, "protect_ends": False}
+        return {self.parameter: value, "include": list(layers), **dict(self.fixed)}
 
 
 METHODS: dict[str, Method] = {
@@ -176,9 +178,9 @@ def _measure_one(
     """One job: a fresh model, one pass on one layer, one measurement. Never raises."""
     model = io.load(serialized)
     cls = pass_class(spec.pass_name)
-    params = spec.params_for(layer, value)
+    params = spec.params_for([layer], value)
     try:
-        compression = cls(**params, seed=seed) if "seed" in _init_params(cls) else cls(**params)
+        compression = cls(**params, seed=seed) if "seed" in init_params(cls) else cls(**params)
         compression.bind_data(calibration)
         result = compression(model)
         if not getattr(result, "modified", True):
@@ -193,7 +195,7 @@ def _measure_one(
     )
 
 
-def _init_params(cls: type) -> set[str]:
+def init_params(cls: type) -> set[str]:
     import inspect
 
     return set(inspect.signature(cls.__init__).parameters)
