@@ -22,6 +22,9 @@ ONNXSIM_KMEANS_BITS = 4  # the only width onnxsim 0.8.1's k-means accepts
 # (`--variants pruning`): on the large zoo models the refits take long.
 PRUNING_STUDY_CUTS = (0.1, 0.2, 0.3)
 STUDY = "pruning"
+# Other studies (on request, named by group in `--variants`) live in their own modules:
+# each exposes `variants() -> list[Variant]` (all on_request) and `NAME`, the group name.
+STUDY_MODULES = ("benchmarks.studies.sharing", "benchmarks.studies.lowrank")
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,23 @@ def catalogue() -> dict[str, Variant]:
             _onnxsim_kmeans,
         )
     )
+    for module in _study_modules():
+        variants += module.variants()
     return {v.name: v for v in variants}
+
+
+def _study_modules() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(name) for name in STUDY_MODULES]
+
+
+def study_groups() -> dict[str, list[str]]:
+    """Group name -> the variants it stands for in `--variants`."""
+    groups = {STUDY: study_variants()}
+    for module in _study_modules():
+        groups[module.NAME] = [v.name for v in module.variants()]
+    return groups
 
 
 def recipe_pruning_ratios() -> list[float]:
@@ -165,9 +184,10 @@ def resolve(selection: str | None) -> list[str]:
     names = list(table)
     if not selection:
         return [n for n in names if not table[n].on_request]
+    groups = study_groups()
     wanted = []
     for item in (s.strip() for s in selection.split(",")):
-        wanted += study_variants() if item == STUDY else [item] if item else []
+        wanted += groups.get(item, [item] if item else [])
     unknown = [w for w in wanted if w not in names]
     if unknown:
         raise ValueError(f"unknown variant '{unknown[0]}'; variants: {', '.join(names)}")
