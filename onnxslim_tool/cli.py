@@ -20,6 +20,7 @@ from onnxslim_tool.allocation import Target
 from onnxslim_tool.cost import analyze_cost
 from onnxslim_tool.data import ImageOptions, load_data
 from onnxslim_tool.errors import BudgetError, OnnxSlimError
+from onnxslim_tool.pruning.importance import CRITERIA
 from onnxslim_tool.recipe import BUILTIN, DEFAULT_WITH_DATA, Recipe, recipe_from_flags, resolve
 
 app = typer.Typer(
@@ -372,7 +373,7 @@ def compress(
     criterion: Annotated[
         str | None,
         typer.Option(
-            help="Channel importance: l1, l2, bn_gamma, apoz, energy, thinet, dpp, random.",
+            help=f"Channel importance: {', '.join(CRITERIA)} (default l1).",
             rich_help_panel=_PRUNE,
         ),
     ] = None,
