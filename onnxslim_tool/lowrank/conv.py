@@ -123,17 +123,24 @@ class ConvLayer:
         budget = None if ratio is None else int(ratio * self.kernel.size)
         chosen = PLANNERS[method](self, budget, energy, seed, rule)
         if isinstance(chosen, str):
-            return chosen
+            return self._per_group(chosen)
         if chosen[0] != method:  # Tucker keeping every input channel is a channel SVD
             notes.append("input mode kept whole: Tucker-1 = channel SVD")
         method, ranks = chosen
         after = self.cost(method, ranks)
         problem = no_gain(after, before, f"rank {'x'.join(map(str, ranks))}")
         if problem:
-            return problem
+            return self._per_group(problem)
         bias = 0 if self.bias is None or weight_array(self.bias) is None else weight_array(self.bias).size
         params = (before[0] + bias, after[0] + bias)
         return Plan(self, method, ranks, params, (before[1], after[1]), "; ".join(notes))
+
+    def _per_group(self, reason: str) -> str:
+        """A skip reason, saying for a grouped conv that its small groups are why."""
+        if self.groups == 1:
+            return reason
+        c_out, c_in = self.group_shape[:2]
+        return f"{reason}; factorized per group ({self.groups} groups of {c_in} -> {c_out} channels)"
 
     # ---- costs (MACs per sample, from the real spatial sizes)
 
@@ -340,8 +347,13 @@ def conv_layer(node: ir.Node, shapes: Shapes) -> ConvLayer | str:
     if kernel.ndim < 3:
         return f"kernel is {kernel.ndim}-D"
     group = int(attr(node, "group", 1))
-    if group != 1:
-        return f"grouped conv (group={group}) is not factorized"
+    if group < 1 or kernel.shape[0] % group:
+        return f"group={group} does not divide the {kernel.shape[0]} output channels"
+    if group > 1 and kernel.shape[1] == 1 and kernel.shape[0] == group:
+        return (
+            f"depthwise conv (group={group} = channels): one k x k filter per channel, "
+            "no channel mode to factorize"
+        )
     nd = kernel.ndim - 2
     auto_pad = attr(node, "auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)

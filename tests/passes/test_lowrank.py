@@ -330,7 +330,7 @@ def test_skip_reasons_are_stated():
     proto = _model(nodes, inputs, inits)
     _, record = _run_pass(proto, method="cp", refit=False, min_params=0, exclude=["small"])
     skips = _skips(record)
-    assert "grouped conv" in skips["depthwise"]
+    assert "depthwise conv" in skips["depthwise"]
     assert "1x1 conv" in skips["pointwise"]
     assert "excluded" in skips["small"]
     assert "not a constant" in skips["dynamic"]
@@ -468,7 +468,7 @@ def test_sample_cnn_every_conv_method_lowers_macs(method):
     after = analyze_cost(model)
     assert after.total_macs < before.total_macs and after.total_params < before.total_params
     assert any(c.op_type == "Conv" for c in record.changes)
-    assert "grouped conv (group=32)" in _skips(record)["/depthwise/depthwise.0/Conv"]
+    assert "depthwise conv (group=32" in _skips(record)["/depthwise/depthwise.0/Conv"]
     check_model(model)
 
 
