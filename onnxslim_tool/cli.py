@@ -334,6 +334,7 @@ def evaluate(
 
 
 _PRUNE = "Structured pruning (whole channels/filters/neurons)"
+_BLOCKS = "Block dropping and exact layer merging"
 _LOWRANK = "Low-rank factorization"
 _SHARE = "Weight sharing and magnitude pruning"
 _QUANT = "Quantization"
@@ -429,6 +430,33 @@ def compress(
             help="Also prune the first layer's outputs and the final layer's inputs "
             "(protected by default: they cost the most accuracy per MAC).",
             rich_help_panel=_PRUNE,
+        ),
+    ] = False,
+    drop_blocks: Annotated[
+        int | None,
+        typer.Option(
+            "--drop-blocks",
+            help="Remove the N residual blocks (ResNet, transformer sub-blocks) whose removal "
+            "costs least on the calibration data; the report lists every candidate's cost.",
+            rich_help_panel=_BLOCKS,
+        ),
+    ] = None,
+    drop_blocks_macs: Annotated[
+        float | None,
+        typer.Option(
+            "--drop-blocks-macs",
+            help="Drop the cheapest residual blocks until MACs are at most this fraction of "
+            "the original, e.g. 0.8 (with --drop-blocks: whichever comes first).",
+            rich_help_panel=_BLOCKS,
+        ),
+    ] = None,
+    merge_layers: Annotated[
+        bool,
+        typer.Option(
+            "--merge-layers",
+            help="Fold constant Mul/Add/Sub/Div into the adjacent Conv/Gemm/MatMul and merge "
+            "back-to-back linear layers when that lowers MACs and params (exact).",
+            rich_help_panel=_BLOCKS,
         ),
     ] = False,
     lowrank: Annotated[
@@ -537,7 +565,7 @@ def compress(
         raise OnnxSlimError(f"output path is the input path: {output} (the input is never overwritten)")
     io.check_writable(output)  # fail before the work, not after it
     method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy)
-    method_flags += (prune_weights, share_bits, quantize)
+    method_flags += (prune_weights, share_bits, quantize, drop_blocks, drop_blocks_macs, merge_layers or None)
     target = _target(target_size, target_latency)
     if recipe_name is not None and any(f is not None for f in method_flags):
         raise OnnxSlimError("give either --recipe or method flags (put the methods in the recipe)")
@@ -569,6 +597,9 @@ def compress(
             round_to=round_to,
             layer_ratios=parse_layer_ratios(layer_ratio),
             prune_ends=prune_ends,
+            drop_blocks=drop_blocks,
+            drop_blocks_macs=drop_blocks_macs,
+            merge_layers=merge_layers,
             prune_weights=prune_weights,
             lowrank=lowrank,
             energy=energy,

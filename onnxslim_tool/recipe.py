@@ -145,6 +145,9 @@ def recipe_from_flags(
     round_to: int | None = None,
     layer_ratios: dict[str, float] | None = None,
     prune_ends: bool = False,
+    drop_blocks: int | None = None,
+    drop_blocks_macs: float | None = None,
+    merge_layers: bool = False,
     prune_weights: float | None = None,
     lowrank: float | None = None,
     energy: float | None = None,
@@ -159,14 +162,19 @@ def recipe_from_flags(
 ) -> Recipe:
     """The recipe the CLI's method flags describe, in the order that composes best.
 
+    Whole blocks go first (no point pruning channels of a block about to be dropped).
     Channel pruning runs before BatchNorm folding (bn_gamma reads the BN scales; slicing a
-    BN is as easy as slicing a bias), low-rank after it (the folded weights are the ones
-    to factorize), then weight pruning, sharing, and quantization last.
+    BN is as easy as slicing a bias); exact layer merges follow the pruning, on folded
+    weights; low-rank after them (the folded weights are the ones to factorize), then
+    weight pruning, sharing, and quantization last.
     """
     common: dict[str, Any] = {"exclude": list(exclude)} if exclude else {}
     steps: list[Step] = []
     pruning_channels = prune_channels is not None or target_macs is not None or bool(layer_ratios)
     steps.append(Step("cleanup", {"fold_batchnorm": not pruning_channels, **common}))
+    if drop_blocks is not None or drop_blocks_macs is not None:
+        params = {"drop_blocks": drop_blocks, "target_macs": drop_blocks_macs, **common}
+        steps.append(Step("block-dropping", {k: v for k, v in params.items() if v is not None}))
     if pruning_channels:
         params: dict[str, Any] = {"reconstruct": reconstruct, **common}
         if prune_channels is not None:
@@ -184,6 +192,8 @@ def recipe_from_flags(
         if prune_ends:
             params["protect_ends"] = False
         steps += [Step("channel-pruning", params), Step("cleanup", dict(common))]
+    if merge_layers:
+        steps.append(Step("layer-merging", dict(common)))
     if lowrank is not None or energy is not None:
         params = {"ratio": lowrank, "energy": energy, **common}
         if lowrank_method:

@@ -13,7 +13,9 @@ from onnxslim_tool.passes.base import CompressionPass, CompressionResult, PassRe
 
 _REGISTRY: dict[str, str] = {
     "cleanup": "onnxslim_tool.passes.normalize:Cleanup",
+    "block-dropping": "onnxslim_tool.passes.block_dropping:BlockDropping",
     "channel-pruning": "onnxslim_tool.passes.channel_pruning:ChannelPruning",
+    "layer-merging": "onnxslim_tool.passes.layer_merging:LayerMerging",
     "lowrank": "onnxslim_tool.passes.lowrank:LowRank",
     "weight-pruning": "onnxslim_tool.passes.weight_pruning:WeightPruning",
     "weight-sharing": "onnxslim_tool.passes.weight_sharing:WeightSharing",
