@@ -1,7 +1,7 @@
 """Rank choice per conv method: `(method, ranks)` or the reason the layer is left alone.
 
 Ranks are per group (a grouped conv's groups share them: each factor conv has one channel
-count per group). By energy, a grouped conv takes the largest rank any of its groups needs.
+count per group). By energy or VBMF, a grouped conv takes the largest rank any group needs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 
 from onnxslim_tool import linalg
 from onnxslim_tool.lowrank.rank import choose_rank, largest_paying
+from onnxslim_tool.lowrank.vbmf import vbmf_rank
 
 if TYPE_CHECKING:
     from onnxslim_tool.lowrank.conv import ConvLayer
@@ -24,6 +25,7 @@ MAX_CP_WORK = 3e11
 SMALL_INPUT = 4
 
 Chosen = tuple[str, tuple[int, ...]] | str
+Matrix = Callable[[np.ndarray], np.ndarray]  # one group's kernel -> the matrix a method factorizes
 Planner = Callable[["ConvLayer", "int | None", "float | None", int, str], Chosen]
 
 
@@ -38,13 +40,18 @@ def separable_matrix(kernel: np.ndarray) -> np.ndarray:
     return kernel.transpose(1, 2, 0, 3).reshape(c_in * kh, c_out * kw)
 
 
-def _energy_rank(conv: ConvLayer, matrix: Callable[[np.ndarray], np.ndarray], energy: float) -> int:
+def _rule_rank(
+    conv: ConvLayer, matrix: Callable[[np.ndarray], np.ndarray], energy: float | None, rule: str
+) -> int:
+    """The rank by energy or VBMF: the largest any group needs (at least 1)."""
+    if rule == "vbmf":
+        return max(1, *(vbmf_rank(matrix(k)) for k in conv.part_kernels()))
     return max(linalg.rank_for_energy(linalg.singular_values(matrix(k)), energy) for k in conv.part_kernels())
 
 
-def _plan_single_rank(method: str, matrix: Callable[[np.ndarray], np.ndarray]) -> Planner:
+def _plan_single_rank(method: str, matrix: Matrix) -> Planner:
     def plan(conv: ConvLayer, budget: int | None, energy: float | None, seed: int, rule: str) -> Chosen:
-        rank = None if budget is not None else _energy_rank(conv, matrix, energy)
+        rank = None if budget is not None else _rule_rank(conv, matrix, energy, rule)
         full = (conv.kernel.size, conv.macs_full())
         max_rank = min(matrix(conv.part_kernel(0)).shape)
         rank, problem = choose_rank(lambda r: conv.cost(method, (r,)), full, max_rank, budget, rank)
@@ -63,6 +70,8 @@ def _plan_cp(conv: ConvLayer, budget: int | None, energy: float | None, seed: in
     if budget is not None:
         rank, problem = choose_rank(cost, full, max_rank, budget, None)
         return problem or ("cp", (rank,))
+    if rule == "vbmf":
+        return "VBMF estimates matrix ranks; CP needs a tensor rank"
     worth = largest_paying(cost, full, max_rank)
     if not worth:
         return "no CP rank lowers both params and MACs"
@@ -100,15 +109,15 @@ def cp_rank_for_energy(kernel: np.ndarray, energy: float, max_rank: int, seed: i
 
 
 def _plan_tucker(conv: ConvLayer, budget: int | None, energy: float | None, seed: int, rule: str) -> Chosen:
-    """Ranks (r1 inputs, r2 outputs) by energy of the two unfoldings, or the largest pair
+    """Ranks (r1 inputs, r2 outputs) by energy or VBMF of the two unfoldings, or the largest pair
     within the params budget that keeps the same fraction of both modes. An input with at
     most SMALL_INPUT channels (RGB) keeps them all: Tucker-1 on the output mode, which is the
     channel SVD (Kim et al. 2015 leave the first layer's input mode alone the same way)."""
     c_out, c_in = conv.group_shape[:2]
     full = (conv.kernel.size, conv.macs_full())
     if budget is None:
-        r1 = _energy_rank(conv, lambda k: linalg.unfold(k, 1), energy)
-        r2 = _energy_rank(conv, lambda k: linalg.unfold(k, 0), energy)
+        r1 = _rule_rank(conv, lambda k: linalg.unfold(k, 1), energy, rule)
+        r2 = _rule_rank(conv, lambda k: linalg.unfold(k, 0), energy, rule)
         return ("svd", (r2,)) if r1 >= c_in or c_in <= SMALL_INPUT else ("tucker", (r1, r2))
     if c_in > SMALL_INPUT:
         for r2 in range(c_out, 0, -1):

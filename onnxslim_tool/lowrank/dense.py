@@ -30,6 +30,7 @@ from onnxslim_tool.lowrank.graph import (
 )
 from onnxslim_tool.lowrank.plan import Factors, Plan, identity
 from onnxslim_tool.lowrank.rank import choose_rank
+from onnxslim_tool.lowrank.vbmf import vbmf_rank
 
 
 @dataclass
@@ -81,7 +82,9 @@ class MatrixLayer:
             return r * (d + m), self.rows * r * (d + m)
 
         rank = None
-        if ratio is None:
+        if rule == "vbmf":
+            rank = max(1, vbmf_rank(self.matrix))
+        elif ratio is None:
             rank = linalg.rank_for_energy(linalg.singular_values(self.matrix), energy)
         rank, problem = choose_rank(
             cost, before, min(d, m), None if ratio is None else int(ratio * d * m), rank

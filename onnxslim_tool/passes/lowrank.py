@@ -9,7 +9,9 @@ sees them.
 Ranks come from `ratio` (the largest rank keeping at most that fraction of the layer's
 weights), or, when `energy` is given, from the fraction of squared singular values kept (of
 each unfolding for Tucker; CP searches the smallest rank whose reconstruction keeps that
-energy); `per_layer` maps node-name globs to ratios. A factorization is applied only where
+energy), or, with `rank_rule="vbmf"`, from empirical variational Bayesian matrix
+factorization of the matrix each method factorizes (of both unfoldings for Tucker, as Kim
+et al. 2015 do); `per_layer` maps node-name globs to ratios. A factorization is applied only where
 it lowers both the layer's parameters and its MACs, computed with the real shapes.
 
 With calibration data and `refit`, the last stage of every factorization is refit on the
@@ -30,6 +32,7 @@ from onnxslim_tool.lowrank.dense import MatrixLayer
 from onnxslim_tool.lowrank.graph import Shapes, layer_name, params_of, value_shapes
 from onnxslim_tool.lowrank.layers import OPS, layer_of
 from onnxslim_tool.lowrank.plan import Plan
+from onnxslim_tool.lowrank.rank import RULES
 from onnxslim_tool.lowrank.refit import Refitter, waves
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
 
@@ -58,14 +61,22 @@ class LowRank(CompressionPass):
         min_params: int = 1024,
         seed: int = 0,
         max_rows: int = 20000,
+        rank_rule: str | None = None,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
     ) -> None:
         super().__init__(include=include, exclude=exclude)
         if method not in METHODS:
             raise OnnxSlimError(f"unknown low-rank method '{method}'; use one of: {', '.join(METHODS)}")
-        if ratio is None and energy is None:
+        rule = rank_rule or ("energy" if energy is not None else "ratio")
+        if rule not in RULES:
+            raise OnnxSlimError(f"unknown rank rule '{rank_rule}'; use one of: {', '.join(RULES)}")
+        if rule == "ratio" and ratio is None:
             raise OnnxSlimError("low-rank needs a ratio (fraction of params kept) or an energy fraction")
+        if rule == "energy" and energy is None:
+            raise OnnxSlimError("rank rule 'energy' needs an energy fraction")
+        if rule == "vbmf" and method == "cp":
+            raise OnnxSlimError("VBMF estimates matrix ranks; CP needs a tensor rank (use ratio or energy)")
         if ratio is not None:
             _check_fraction("ratio", ratio)
         if energy is not None:
@@ -82,11 +93,17 @@ class LowRank(CompressionPass):
         self.min_params = int(min_params)
         self.seed = int(seed)
         self.max_rows = int(max_rows)
+        self.rank_rule = rule
 
     def milder(self) -> LowRank | None:
-        """Half of what was removed is kept back: ratio 0.5 -> 0.75, energy 0.9 -> 0.95."""
+        """Half of what was removed is kept back: ratio 0.5 -> 0.75, energy 0.9 -> 0.95.
+
+        VBMF has no setting to relax (its ranks are an estimate, not a target): None.
+        """
         changes: dict = {}
-        if self.energy is not None:  # energy decides the ranks; ratio is not used then
+        if self.rank_rule == "vbmf":
+            return None
+        if self.rank_rule == "energy":  # energy decides the ranks; ratio is not used then
             changes["energy"] = 1.0 - (1.0 - self.energy) / 2
             if changes["energy"] > MAX_MILD_ENERGY:
                 return None
@@ -97,7 +114,17 @@ class LowRank(CompressionPass):
         changes["per_layer"] = {k: 1.0 - (1.0 - v) / 2 for k, v in self.per_layer.items()}
         params = {
             k: getattr(self, k)
-            for k in ("ratio", "energy", "method", "refit", "per_layer", "min_params", "seed", "max_rows")
+            for k in (
+                "ratio",
+                "energy",
+                "method",
+                "refit",
+                "per_layer",
+                "min_params",
+                "seed",
+                "max_rows",
+                "rank_rule",
+            )
         }
         mild = LowRank(**{**params, **changes}, include=self.include, exclude=self.exclude)
         mild.calibration = self.calibration
@@ -155,7 +182,9 @@ class LowRank(CompressionPass):
         if layer.weight_params < self.min_params:
             record.skip(name, f"{layer.weight_params} weights < min_params {self.min_params}")
             return None
-        plan = layer.plan(self.method, self._ratio_for(name), self.energy, self.seed)
+        ratio = self._ratio_for(name)
+        rule = "ratio" if ratio is not None else self.rank_rule
+        plan = layer.plan(self.method, ratio, self.energy, self.seed, rule)
         if isinstance(plan, str):
             record.skip(name, plan)
             return None
@@ -165,7 +194,7 @@ class LowRank(CompressionPass):
         for pattern, value in self.per_layer.items():
             if fnmatch.fnmatchcase(name, pattern):
                 return value
-        return None if self.energy is not None else self.ratio
+        return self.ratio if self.rank_rule == "ratio" else None
 
 
 def factorize_node(model: ir.Model, node: ir.Node, method: str, ranks: Sequence[int], seed: int = 0) -> None:
