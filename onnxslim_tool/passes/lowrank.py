@@ -139,11 +139,24 @@ class LowRank(CompressionPass):
         with threadpool_limits(1):
             self._rewrite(model, record)
 
+    def planned_savings(self, model: ir.Model) -> tuple[int, int]:
+        """(params, MACs) the layers this pass would factorize would lose, from its plans
+        alone: the model is not changed and nothing is decomposed (rank choice by CP energy
+        excepted), so a search over settings (a MACs target) stays cheap."""
+        record = PassRecord(self.name)
+        with threadpool_limits(1):
+            plans = self._plans(model, record)
+        params = sum(plan.params[0] - plan.params[1] for plan in plans)
+        return params, sum(plan.macs[0] - plan.macs[1] for plan in plans)
+
+    def _plans(self, model: ir.Model, record: PassRecord) -> list[Plan]:
+        shapes = value_shapes(model, record.notes)
+        return [plan for node in list(model.graph) if (plan := self._plan(node, shapes, record)) is not None]
+
     def _rewrite(self, model: ir.Model, record: PassRecord) -> None:
         graph = model.graph
         graph.sort()
-        shapes = value_shapes(model, record.notes)
-        plans = [plan for node in list(graph) if (plan := self._plan(node, shapes, record)) is not None]
+        plans = self._plans(model, record)
         if not plans:
             record.notes.append("no layer could be factorized with these settings")
             return

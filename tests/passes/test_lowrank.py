@@ -480,3 +480,16 @@ def test_light_zoo_squeezenet_tucker_runs_with_the_same_output_shape():
     check_model(model)
     feed = random_feed(proto)
     assert run_proto(ir.to_proto(model), feed)[0].shape == run_proto(proto, feed)[0].shape
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker"])
+def test_planned_savings_match_what_the_pass_then_does(method):
+    model = io.load(f"{SAMPLES}/digits_cnn.onnx")
+    before = analyze_cost(model)
+    lowrank = LowRank(ratio=0.5, method=method, refit=False)
+    params, macs = lowrank.planned_savings(model)
+    assert analyze_cost(model).total_params == before.total_params  # planning changes nothing
+    lowrank(model)
+    after = analyze_cost(model)
+    assert before.total_params - after.total_params == params
+    assert before.total_macs - after.total_macs == pytest.approx(macs, rel=0.01)
