@@ -24,11 +24,11 @@ from onnxslim_tool.cost import analyze_cost
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.graph_utils import attr, const_array
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
-from onnxslim_tool.pruning import importance
+from onnxslim_tool.pruning import importance, nisp
 from onnxslim_tool.pruning.apply import apply_plan, values_by_name
 from onnxslim_tool.pruning.depgraph import find_groups, node_labels
 from onnxslim_tool.pruning.groups import ChannelRef, DependencyGroup, PruningPlan
-from onnxslim_tool.pruning.reconstruct import LinearLayer, as_linear_layer, refit_layers
+from onnxslim_tool.pruning.reconstruct import FitStats, LinearLayer, as_linear_layer, refit_layers
 
 # Calibration samples per onnxruntime run while collecting activations.
 BATCH = 8
@@ -42,6 +42,8 @@ _TARGET_ATTEMPTS = 4
 _TARGET_SLACK = 0.01
 _WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _ZERO_MAKING_OPS = frozenset({"Relu", "Clip"})
+# random-search skips consumers with more inputs (channels x taps) than this: Gram matrix size.
+MAX_SEARCH_INPUTS = 4096
 
 
 class ChannelPruning(CompressionPass):
@@ -52,7 +54,12 @@ class ChannelPruning(CompressionPass):
     MACs (one ratio for all groups, found by bisection, then channels given back while the
     target holds); `round_to`: kept counts are multiples of it; `protect_ends`: leave the
     groups produced by the first layer and read by the last one alone; `reconstruct`: refit
-    consumers on calibration data (needs data); `max_rows`: sampled rows per fit/statistic.
+    consumers on calibration data (needs data); `max_rows`: sampled rows per fit/statistic;
+    `search_trials`: random masks tried per group by the `random-search` criterion.
+
+    `nisp` ranks all groups' channels together: a global ratio removes that share of all
+    their channels, lowest NISP score first (and `target_macs` removes them in that order
+    until the target holds), so groups lose different shares.
     """
 
     name = "channel-pruning"
@@ -70,6 +77,7 @@ class ChannelPruning(CompressionPass):
         protect_ends: bool = True,
         seed: int = 0,
         max_rows: int = 20000,
+        search_trials: int = 16,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
     ) -> None:
@@ -82,6 +90,7 @@ class ChannelPruning(CompressionPass):
             _check_fraction(f"per-layer ratio for '{pattern}'", value, allow_zero=True)
         _check_positive("round_to", round_to)
         _check_positive("max_rows", max_rows)
+        _check_positive("search_trials", search_trials)
         self.ratio = float(ratio)
         self.criterion = criterion
         self.reconstruct = bool(reconstruct)
@@ -91,6 +100,7 @@ class ChannelPruning(CompressionPass):
         self.protect_ends = bool(protect_ends)
         self.seed = int(seed)
         self.max_rows = int(max_rows)
+        self.search_trials = int(search_trials)
 
     def milder(self) -> ChannelPruning | None:
         """A quarter less pruning (or a quarter less of the MACs cut); None below 5%."""
@@ -104,7 +114,7 @@ class ChannelPruning(CompressionPass):
 
     def _with(self, **changes) -> ChannelPruning:
         names = ("ratio", "criterion", "reconstruct", "target_macs", "round_to", "per_layer")
-        names += ("protect_ends", "seed", "max_rows", "include", "exclude")
+        names += ("protect_ends", "seed", "max_rows", "search_trials", "include", "exclude")
         params = {k: getattr(self, k) for k in names}
         params.update(changes)
         mild = ChannelPruning(**params)
@@ -128,6 +138,14 @@ class ChannelPruning(CompressionPass):
         evidence = _Evidence(original, feeds, self.max_rows, self.seed)
         scores = {g.id: self._scores(evidence, g, record) for g in candidates}
         plan = self._plan(model, groups, candidates, scores, record)
+        if self.criterion in importance.MASK_SEARCH:
+            # The search needs each group's kept count: take it from the plan the l1 scores
+            # gave, then let the best mask decide which channels fill it.
+            counts = {g.id: len(plan.keep[g.id]) for g in candidates}
+            scores = {
+                g.id: self._searched(evidence, g, counts[g.id], scores[g.id], record) for g in candidates
+            }
+            plan = _plan_from_counts(candidates, scores, counts, self.criterion)
         pruned = [g for g in candidates if len(plan.keep[g.id]) < g.size]
         if not pruned:
             record.notes.append("the ratio rounds to no channel removed in any group")
@@ -185,10 +203,16 @@ class ChannelPruning(CompressionPass):
     def _fixed_ratio(self, g: DependencyGroup) -> float | None:
         """The per-layer override matching one of the group's producers, else the global ratio
         (None in MACs-target mode, where the allocation decides)."""
+        override = self._override(g)
+        if override is not None:
+            return override
+        return None if self.target_macs is not None else self.ratio
+
+    def _override(self, g: DependencyGroup) -> float | None:
         for pattern, value in self.per_layer.items():
             if any(fnmatch.fnmatchcase(p, pattern) for p in g.producers):
                 return value
-        return None if self.target_macs is not None else self.ratio
+        return None
 
     # ----- scores -------------------------------------------------------------------------------
 
@@ -211,6 +235,28 @@ class ChannelPruning(CompressionPass):
                     return importance.scores_from_order(order, g.size, most_important_first=True)
                 return importance.apoz(acts) if criterion == "apoz" else importance.energy(acts)
             record.notes.append(f"{label}: no activation carries all the group's channels, scored by l1")
+        elif criterion == "entropy":
+            pooled = evidence.pooled(g)
+            if pooled is not None:
+                return importance.entropy(pooled)
+            record.notes.append(f"{label}: no activation carries all the group's channels, scored by l1")
+        elif criterion == "nisp":
+            found = evidence.nisp(g)
+            if (
+                evidence.propagation is not None
+                and evidence.propagation.blocked
+                and not evidence.blocked_noted
+            ):
+                evidence.blocked_noted = True
+                ops = ", ".join(sorted(evidence.propagation.blocked))
+                record.notes.append(
+                    f"nisp: importance cannot pass through {ops}; their inputs got uniform importance"
+                )
+            if found:
+                return importance.combine(found)
+            record.notes.append(
+                f"{label}: NISP importance does not reach the group's producers, scored by l1"
+            )
         elif criterion == "thinet":
             contributions = evidence.contributions(g)
             if contributions is not None:
@@ -219,6 +265,35 @@ class ChannelPruning(CompressionPass):
             record.notes.append(f"{label}: no Conv/Gemm/MatMul reads the group, scored by l1")
         norms = evidence.weight_norms(g, order=2 if criterion == "l2" else 1)
         return importance.combine(norms) if norms else np.ones(g.size)
+
+    def _searched(
+        self, evidence: _Evidence, g: DependencyGroup, keep: int, base: np.ndarray, record: PassRecord
+    ) -> np.ndarray:
+        """random-search: scores that put the best of `search_trials` random masks first."""
+        if keep >= g.size:
+            return base
+        problems = evidence.refit_problems(g)
+        if not problems:
+            record.notes.append(f"{_group_label(g)}: no Conv/Gemm/MatMul reads the group, scored by l1")
+            return base
+
+        def error(kept: np.ndarray) -> float:
+            # Each consumer's error relative to its own output energy, so none dominates.
+            return sum(
+                importance.refit_residual(stats.gram, stats.cross, stats.target_sq, columns[kept].ravel())
+                / max(stats.target_sq, 1e-300)
+                for stats, columns in problems
+            )
+
+        seed = self.seed * 7919 + g.id
+        best, errors = importance.random_mask_search(
+            error, g.size, keep, self.search_trials, seed, blocks=max(1, g.blocks)
+        )
+        record.notes.append(
+            f"{_group_label(g)}: best of {len(errors)} random masks, relative refit error "
+            f"{min(errors):.4f} (worst {max(errors):.4f})"
+        )
+        return importance.scores_from_mask(best, base)
 
     # ----- allocation ---------------------------------------------------------------------------
 
@@ -230,20 +305,25 @@ class ChannelPruning(CompressionPass):
         scores: dict[int, np.ndarray],
         record: PassRecord,
     ) -> PruningPlan:
+        ranked_globally = self.criterion in importance.GLOBAL
         counts = {
             g.id: _kept_count(g, r, self.round_to)
             for g in candidates
-            if (r := self._fixed_ratio(g)) is not None
+            if (r := self._override(g) if ranked_globally else self._fixed_ratio(g)) is not None
         }
-        plan = _plan_from_counts(candidates, scores, counts, self.criterion)
         free = [g for g in candidates if g.id not in counts]
+        if ranked_globally and self.target_macs is None and free:
+            budget = round(self.ratio * sum(g.size for g in free))
+            counts.update(_global_counts(free, scores, budget, self.round_to))
+        plan = _plan_from_counts(candidates, scores, counts, self.criterion)
         if self.target_macs is None or not free:
             return plan
         costs = _CostModel.build(model, candidates, scores)
         target, goal = self.target_macs, self.target_macs
         best: tuple[float, PruningPlan] | None = None
+        allocate = _allocate_global if ranked_globally else _allocate
         for _ in range(_TARGET_ATTEMPTS):
-            counts.update(_allocate(costs, free, scores, counts, goal, self.round_to))
+            counts.update(allocate(costs, free, scores, counts, goal, self.round_to))
             plan = _plan_from_counts(candidates, scores, counts, self.criterion)
             trial = io.load(model, lift_constants=False)
             apply_plan(trial, list(groups), plan)
@@ -316,6 +396,9 @@ class _Evidence:
     max_rows: int
     seed: int
     nodes: dict[str, ir.Node] = field(default_factory=dict)
+    # NISP importance of every value, computed once for all groups (see `nisp`).
+    propagation: nisp.Propagation | None = None
+    blocked_noted: bool = False
 
     def __post_init__(self) -> None:
         self.nodes = _nodes_by_label(self.model.graph)
@@ -361,23 +444,78 @@ class _Evidence:
         """Each channel's additive share of its consumers' outputs on sampled rows (ThiNet),
         every consumer scaled to unit RMS so that none dominates."""
         parts = []
+        for patches, weight in self._consumer_inputs(g, lambda outputs: max(1, self.max_rows // outputs)):
+            shares = importance.channel_contributions(patches, weight)
+            scale = float(np.sqrt((shares**2).mean()))
+            parts.append(shares / scale if scale > 0 else shares)
+        return np.concatenate(parts) if parts else None
+
+    def refit_problems(self, g: DependencyGroup) -> list[tuple[FitStats, np.ndarray]]:
+        """random-search: per consumer, the least-squares statistics of predicting the group's
+        share of its output (on the original model's inputs) from the group's inputs, and the
+        columns each channel owns ([channels, span * taps]).
+
+        The error of a mask is then the consumer's error after refitting the kept channels'
+        weights and its bias: the refit the pass applies, restricted to one consumer and to
+        the group's own columns (the other inputs stay as they are)."""
+        problems = []
+        for patches, weight in self._consumer_inputs(g, lambda outputs: self.max_rows):
+            width = patches.shape[1] * patches.shape[2]
+            if width > MAX_SEARCH_INPUTS:
+                continue  # the Gram matrix would not fit; this consumer does not vote
+            stats = FitStats(width, weight.shape[0])
+            stats.add(patches.reshape(len(patches), -1), np.einsum("rct,oct->ro", patches, weight))
+            problems.append((stats, np.arange(width).reshape(patches.shape[1], -1)))
+        return problems
+
+    def _consumer_inputs(self, g: DependencyGroup, rows_for: Callable[[int], int]):
+        """Per one-to-one consumer: sampled inputs [rows, channels, span * taps] of the group's
+        channels (float64) and the matching weight slice [outputs, channels, span * taps];
+        `rows_for(outputs)` says how many rows to sample in all."""
         for ref, layer in self.reading_layers(g):
             weight = layer.weight()  # [outputs, inputs, taps]
-            wanted = max(1, self.max_rows // weight.shape[0])
-            per_batch = max(1, math.ceil(wanted / max(1, len(self.feeds))))
+            per_batch = max(1, math.ceil(rows_for(weight.shape[0]) / max(1, len(self.feeds))))
             rng = np.random.default_rng(self.seed)
             columns = _columns(ref, g.size).ravel()
             chunks = [
                 layer.rows(batch[layer.input.name], None, rng, per_batch)[0][:, columns]
                 for batch in runtime.stream_tensors(self.model, [layer.input.name], self.feeds)
             ]
-            patches = np.concatenate(chunks).reshape(-1, g.size, ref.span * weight.shape[2])
-            shares = importance.channel_contributions(
-                patches, weight[:, columns].reshape(weight.shape[0], g.size, -1)
+            patches = (
+                np.concatenate(chunks).astype(np.float64).reshape(-1, g.size, ref.span * weight.shape[2])
             )
-            scale = float(np.sqrt((shares**2).mean()))
-            parts.append(shares / scale if scale > 0 else shares)
-        return np.concatenate(parts) if parts else None
+            yield patches, weight[:, columns].reshape(weight.shape[0], g.size, -1)
+
+    def pooled(self, g: DependencyGroup) -> np.ndarray | None:
+        """[samples, channels, span] responses of one tensor carrying the group, averaged over
+        every other axis (spatial positions, tokens) per calibration sample (entropy)."""
+        sources = [(layer.input.name, _input_axis(layer), ref) for ref, layer in self.reading_layers(g)]
+        sources += [(ref.tensor, ref.axis, ref) for ref in g.members if ref.role == "act"]
+        for tensor, axis, ref in sources:
+            parts = []
+            for batch in runtime.stream_tensors(self.model, [tensor], self.feeds):
+                x = np.moveaxis(np.asarray(batch[tensor], dtype=np.float64), axis, 1)
+                parts.append(x.reshape(x.shape[0], x.shape[1], -1).mean(axis=2))
+            pooled = np.concatenate(parts)
+            if _covers(ref, g.size, pooled.shape[1]):
+                return pooled[:, _columns(ref, g.size)]
+        return None
+
+    def nisp(self, g: DependencyGroup) -> list[np.ndarray]:
+        """Per producing member: the NISP importance of the channels it makes."""
+        if self.propagation is None:
+            self.propagation = nisp.propagate(self.model)
+        out = []
+        for ref in g.members:
+            node = self.nodes.get(ref.node)
+            layer = as_linear_layer(node) if ref.role == "out" and node is not None else None
+            if not isinstance(layer, LinearLayer) or node.inputs[1].name != ref.tensor:
+                continue
+            width = layer.weight_shape[0]
+            vector = self.propagation.channels(layer.output.name, width)
+            if vector is not None and _covers(ref, g.size, width):
+                out.append(vector[_columns(ref, g.size)].sum(axis=1))
+        return out
 
     def reading_layers(self, g: DependencyGroup) -> list[tuple[ChannelRef, LinearLayer]]:
         """Consumers whose weight's input axis carries all the group's channels, one to one."""
@@ -508,6 +646,59 @@ def _allocate(
             return {g.id: counts[g.id] for g in groups}
         _, _, gid, wider = max(options)
         counts[gid] = wider
+
+
+def _global_counts(
+    groups: Sequence[DependencyGroup], scores: dict[int, np.ndarray], budget: int, round_to: int
+) -> dict[int, int]:
+    """Kept counts when the `budget` lowest-scored channels of all `groups` together go (a
+    global ranking, as NISP gives). Each group keeps at least MIN_KEEP_FRACTION of its
+    channels (and one unit), and its removals round to the nearest multiple of its unit."""
+    floors = {g.id: _kept_count(g, 1.0, round_to, MIN_KEEP_FRACTION) for g in groups}
+    ranking = sorted(
+        (float(scores[g.id][c]), g.id, c) for g in groups for c in range(g.size)
+    )  # lowest first; ties by group, then channel, so the ranking is deterministic
+    sizes = {g.id: g.size for g in groups}
+    removed = dict.fromkeys(sizes, 0)
+    taken = 0
+    for _, gid, _ in ranking:
+        if taken >= budget:
+            break
+        if sizes[gid] - removed[gid] > floors[gid]:
+            removed[gid] += 1
+            taken += 1
+    counts = {}
+    for g in groups:
+        unit = _unit(g, round_to)
+        # Half a unit rounds up (Python's round() would go to the even multiple).
+        counts[g.id] = max(floors[g.id], g.size - math.floor(removed[g.id] / unit + 0.5) * unit)
+    return counts
+
+
+def _allocate_global(
+    costs: _CostModel,
+    groups: Sequence[DependencyGroup],
+    scores: dict[int, np.ndarray],
+    fixed: dict[int, int],
+    target: float,
+    round_to: int,
+) -> dict[int, int]:
+    """Kept counts for `groups` removing channels in global score order (NISP) until the
+    estimated MACs fit within `target` of the total: the fewest removals that fit (bisection
+    on their number; the MACs fall as removals grow, up to unit rounding)."""
+    goal = target * costs.total
+    total = sum(g.size for g in groups)
+
+    def counts_at(budget: int) -> dict[int, int]:
+        return _global_counts(groups, scores, budget, round_to)
+
+    low, high = 0, total
+    if costs.macs({**fixed, **counts_at(high)}) > goal:
+        return counts_at(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if costs.macs({**fixed, **counts_at(middle)}) > goal else (low, middle)
+    return counts_at(high)
 
 
 def _closer(reached: float, best: float, target: float) -> bool:

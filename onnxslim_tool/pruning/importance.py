@@ -12,16 +12,23 @@ member to mean 1, so no member dominates by its scale.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.spatial.distance import pdist, squareform
 
 from onnxslim_tool.errors import OnnxSlimError
 
-DATA_FREE = ("l1", "l2", "bn_gamma", "random")
-DATA_DRIVEN = ("apoz", "energy", "thinet", "dpp")
+# nisp is data-free: its final-layer importance is uniform (every output of the model counts
+# the same, as every class of a classifier does), so it ranks without calibration data.
+DATA_FREE = ("l1", "l2", "bn_gamma", "random", "nisp")
+DATA_DRIVEN = ("apoz", "energy", "thinet", "dpp", "entropy", "random-search")
 CRITERIA = DATA_FREE + DATA_DRIVEN
+# Criteria whose scores are comparable across groups: one global ranking decides how many
+# channels each group loses, instead of one ratio for every group.
+GLOBAL = ("nisp",)
+# Criteria that choose a whole mask for a known kept count rather than scoring channels.
+MASK_SEARCH = ("random-search",)
 
 # Criteria users ask for that cannot work here, and what to use instead.
 _UNAVAILABLE = {
@@ -79,6 +86,34 @@ def energy(acts: np.ndarray) -> np.ndarray:
     """Mean squared activation per channel."""
     per_channel = _channels_first(acts).astype(np.float64)
     return (per_channel**2).mean(axis=1)
+
+
+def entropy(pooled: np.ndarray, bins: int = 16) -> np.ndarray:
+    """Entropy (nats) of each channel's response distribution over calibration samples (Luo &
+    Wu 2017): a channel whose response barely varies from input to input carries little
+    information, so it scores low.
+
+    `pooled` is [samples, channels] (one spatially averaged response per sample) or
+    [samples, channels, span] (averaged over the span). All channels share one set of bin
+    edges, spanning the 0.5-99.5 percentiles of the pooled responses: with per-channel
+    ranges, a channel that jitters by 1e-6 would look as informative as one spanning the
+    whole range.
+    """
+    x = np.asarray(pooled, dtype=np.float64)
+    if x.ndim == 3:
+        x = x.mean(axis=2)
+    low, high = np.percentile(x, [0.5, 99.5])
+    if not high > low:
+        return np.zeros(x.shape[1])
+    edges = np.linspace(low, high, bins + 1)
+    # Clip so outliers fall in the end bins instead of vanishing from the histogram.
+    index = np.clip(np.searchsorted(edges, np.clip(x, low, high), side="right") - 1, 0, bins - 1)
+    out = np.empty(x.shape[1])
+    for c in range(x.shape[1]):
+        p = np.bincount(index[:, c], minlength=bins) / x.shape[0]
+        p = p[p > 0]
+        out[c] = float(-(p * np.log(p)).sum())
+    return out
 
 
 def _channels_first(acts: np.ndarray) -> np.ndarray:
@@ -168,6 +203,74 @@ def _rbf_kernel(vectors: np.ndarray) -> np.ndarray:
     if bandwidth <= 0:
         bandwidth = float(off_diagonal.mean()) or 1.0
     return np.exp(-distances / bandwidth) + 1e-9 * np.eye(len(vectors))
+
+
+def nisp_through_weight(out_scores: np.ndarray, weight: np.ndarray, groups: int = 1) -> np.ndarray:
+    """Importance of a layer's inputs from its outputs' (NISP, Yu et al. 2018): s_in = |W|^T s_out.
+
+    `weight` is [outputs, inputs / groups, taps] (a Conv's kernel flattened; taps = 1 for a
+    matrix product), so |W| is summed over the kernel's spatial taps. With `groups` > 1,
+    input channel c only reaches the outputs of its own group.
+    """
+    magnitude = np.abs(np.asarray(weight, dtype=np.float64)).sum(axis=2)  # [outputs, inputs/groups]
+    s = np.asarray(out_scores, dtype=np.float64)
+    per_out = magnitude.shape[0] // groups
+    parts = [
+        magnitude[j * per_out : (j + 1) * per_out].T @ s[j * per_out : (j + 1) * per_out]
+        for j in range(groups)
+    ]
+    return np.concatenate(parts)
+
+
+def refit_residual(
+    gram: np.ndarray, cross: np.ndarray, target_sq: float, kept: np.ndarray, ridge: float = 1e-3
+) -> float:
+    """||X_S W + b - Y||^2 after the least-squares fit of W and b on the kept columns S only.
+
+    `gram` = [X 1]^T [X 1] and `cross` = [X 1]^T Y (ones column last, as `FitStats` keeps
+    them), `target_sq` = ||Y||^2. The ridge (relative to the mean diagonal, the same
+    form as the refit's) keeps nearly collinear columns from making the solve unstable; the
+    bias column is not penalised.
+    """
+    index = np.append(np.asarray(kept, dtype=int), gram.shape[0] - 1)
+    g = gram[np.ix_(index, index)]
+    c = cross[index]
+    penalty = ridge * float(np.mean(np.diag(gram)[:-1])) if gram.shape[0] > 1 else 0.0
+    regular = g + penalty * np.diag(np.append(np.ones(len(index) - 1), 0.0))
+    solution = np.linalg.lstsq(regular, c, rcond=None)[0]
+    value = target_sq - 2.0 * float((solution * c).sum()) + float((solution * (g @ solution)).sum())
+    return max(value, 0.0)
+
+
+def random_mask_search(
+    error: Callable[[np.ndarray], float], size: int, keep: int, trials: int, seed: int, blocks: int = 1
+) -> tuple[np.ndarray, list[float]]:
+    """The best of `trials` seeded random masks keeping `keep` of `size` channels (Anwar et al.
+    2017): the kept channels (sorted) with the lowest `error`, and every trial's error.
+
+    With `blocks` > 1 each of the equal contiguous blocks keeps `keep // blocks` channels, as
+    grouped convolutions require.
+    """
+    rng = np.random.default_rng(seed)
+    width, per_block = size // blocks, keep // blocks
+    best, errors = np.arange(keep), []
+    for _ in range(max(1, trials)):
+        kept = np.sort(
+            np.concatenate([b * width + rng.choice(width, per_block, replace=False) for b in range(blocks)])
+        )
+        errors.append(float(error(kept)))
+        if errors[-1] < min(errors[:-1], default=np.inf):  # ties keep the earlier mask
+            best = kept
+    return best, errors
+
+
+def scores_from_mask(kept: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Scores that rank the `kept` channels above all others, each side ordered by `base`:
+    keeping the top `len(kept)` returns the mask, and other counts still keep sensible sets."""
+    ranks = np.empty(len(base))
+    ranks[np.argsort(np.asarray(base), kind="stable")] = np.arange(1, len(base) + 1) / (len(base) + 1)
+    ranks[np.asarray(kept, dtype=int)] += 1.0
+    return ranks
 
 
 def scores_from_order(order: Sequence[int], size: int, *, most_important_first: bool) -> np.ndarray:

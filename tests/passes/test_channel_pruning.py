@@ -15,7 +15,7 @@ from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.passes.base import PassRecord
 from onnxslim_tool.passes.channel_pruning import ChannelPruning
 from onnxslim_tool.pipeline import check_model
-from onnxslim_tool.pruning.importance import CRITERIA
+from onnxslim_tool.pruning.importance import CRITERIA, GLOBAL
 from onnxslim_tool.testing import run_proto
 
 CNN = "sample_models/digits_cnn.onnx"
@@ -213,7 +213,9 @@ def test_every_criterion_prunes_the_sample_cnn(cnn, calib, criterion):
     model, record = _prune(cnn, calib.subset(64), ratio=0.3, criterion=criterion, max_rows=2000)
     assert len(record.changes) == 3  # res_a and both concat branches; stem and pointwise protected
     assert not [n for n in record.notes if "scored by l1" in n]
-    assert analyze_cost(model).total_macs < 0.8 * analyze_cost(cnn).total_macs
+    # nisp removes 30% of all channels by one global ranking: the cheap groups lose more.
+    bound = 0.9 if criterion in GLOBAL else 0.8
+    assert analyze_cost(model).total_macs < bound * analyze_cost(cnn).total_macs
 
 
 def test_refit_recovers_most_of_what_slicing_loses(cnn, calib):

@@ -107,7 +107,7 @@ def test_combine_averages_producers_of_a_residual_group():
 @pytest.mark.parametrize("name", imp.CRITERIA)
 def test_every_criterion_is_known(name):
     assert imp.check_criterion(name) == name
-    assert imp.needs_data(name) == (name in ("apoz", "energy", "thinet", "dpp"))
+    assert imp.needs_data(name) == (name in ("apoz", "energy", "thinet", "dpp", "entropy", "random-search"))
 
 
 def test_unknown_and_unavailable_criteria_are_refused_with_one_line():
