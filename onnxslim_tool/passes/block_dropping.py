@@ -184,6 +184,19 @@ def _label(node: ir.Node) -> str:
     return node.name or (node.outputs[0].name if node.outputs else None) or node.op_type
 
 
+def _cost_at_data_shapes(model: ir.Model, calibration) -> ModelCost:
+    """MACs at the calibration data's sample shapes: dynamic image sizes would count as 1x1."""
+    shapes = {
+        name: [1, *arr.shape[1:]]
+        for name, arr in calibration.inputs.items()
+        if name not in calibration.unbatched_inputs and arr.ndim >= 1
+    }
+    try:
+        return analyze_cost(model, shapes)
+    except OnnxSlimError:
+        return analyze_cost(model)
+
+
 def macs_by_node(model: ir.Model, cost: ModelCost | None = None) -> dict[int, int]:
     """id(node) -> MACs, from the project's one cost model."""
     cost = cost or analyze_cost(model)
@@ -231,6 +244,8 @@ class _Bench:
             for node, index, _ in saved:
                 node.replace_input_with(index, zero)
             session = runtime.make_session(self.model)
+        except OnnxSlimError:
+            return "failed", float("inf"), 0.0
         finally:
             for node, index, value in reversed(saved):
                 node.replace_input_with(index, value)
@@ -303,7 +318,12 @@ class BlockDropping(CompressionPass):
         # Individual costs by block name, kept so a milder retry does not re-measure them.
         self._costs: dict[str, BlockCost] = {}
         self._dropped: int | None = None
-        self.ranking: list[BlockCost] = []
+        self._ranking: list[BlockCost] = []
+
+    @property
+    def ranking(self) -> list[BlockCost]:
+        """Every candidate of the last rewrite, cheapest first, with `dropped` set."""
+        return self._ranking
 
     def milder(self) -> BlockDropping | None:
         """One block fewer than the last attempt dropped; None once that is zero."""
@@ -326,7 +346,7 @@ class BlockDropping(CompressionPass):
             raise OnnxSlimError("block dropping measures each block on calibration data: pass --data")
         graph = model.graph
         graph.sort()
-        cost = analyze_cost(model)
+        cost = _cost_at_data_shapes(model, self.calibration)
         blocks, refused = find_blocks(model, macs_by_node(model, cost))
         for name, reason in refused:
             record.skip(name, reason)
@@ -443,13 +463,13 @@ class BlockDropping(CompressionPass):
         joint_cost: tuple[str, float, float] | None,
     ) -> None:
         names = {b.name for b in chosen}
-        self.ranking = sorted(costs.values(), key=lambda c: c.key)
-        for c in self.ranking:
+        self._ranking = sorted(costs.values(), key=lambda c: c.key)
+        for c in self._ranking:
             c.dropped = c.name in names
         record.notes.append(
             f"{len(costs)} candidate block(s), cost measured alone on {samples} calibration sample(s):"
         )
-        for c in self.ranking:
+        for c in self._ranking:
             share = c.macs / total_macs if total_macs else 0.0
             record.notes.append(
                 f"{c.name}: {c.nodes} node(s), {c.macs:,} MACs ({share:.1%}), {c.metric} drop {c.drop:+.4f}, "
