@@ -11,8 +11,9 @@ weights), or, when `energy` is given, from the fraction of squared singular valu
 each unfolding for Tucker; CP searches the smallest rank whose reconstruction keeps that
 energy), or, with `rank_rule="vbmf"`, from empirical variational Bayesian matrix
 factorization of the matrix each method factorizes (of both unfoldings for Tucker, as Kim
-et al. 2015 do); `per_layer` maps node-name globs to ratios. A factorization is applied only where
-it lowers both the layer's parameters and its MACs, computed with the real shapes.
+et al. 2015 do; not for CP); `per_layer` maps node-name globs to ratios, which override the
+rule for those layers. A factorization is applied only where it lowers both the layer's
+parameters and its MACs, computed with the real shapes.
 
 With calibration data and `refit`, the last stage of every factorization is refit on the
 layer's output (see `onnxslim_tool.lowrank.refit`); the gain is reported per layer in the
@@ -45,7 +46,11 @@ MAX_MILD_ENERGY = 0.9999
 
 
 class LowRank(CompressionPass):
-    """Factorize Gemm/MatMul (SVD) and Conv (channel SVD, spatial SVD, CP or Tucker-2) layers."""
+    """Factorize Gemm/MatMul (SVD) and Conv (channel SVD, spatial SVD, CP or Tucker-2) layers.
+
+    `rank_rule` is "ratio", "energy" or "vbmf"; left None it is "energy" when `energy` is
+    given, else "ratio".
+    """
 
     name = "lowrank"
     lossless = False
