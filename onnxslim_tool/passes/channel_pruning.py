@@ -44,6 +44,7 @@ _WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _ZERO_MAKING_OPS = frozenset({"Relu", "Clip"})
 # random-search skips consumers with more inputs (channels x taps) than this: Gram matrix size.
 MAX_SEARCH_INPUTS = 4096
+_SEARCH_ELEMENTS = 20_000_000
 
 
 class ChannelPruning(CompressionPass):
@@ -444,7 +445,9 @@ class _Evidence:
         """Each channel's additive share of its consumers' outputs on sampled rows (ThiNet),
         every consumer scaled to unit RMS so that none dominates."""
         parts = []
-        for patches, weight in self._consumer_inputs(g, lambda outputs: max(1, self.max_rows // outputs)):
+        for patches, weight in self._consumer_inputs(
+            g, lambda outputs, width: max(1, self.max_rows // outputs)
+        ):
             shares = importance.channel_contributions(patches, weight)
             scale = float(np.sqrt((shares**2).mean()))
             parts.append(shares / scale if scale > 0 else shares)
@@ -459,22 +462,28 @@ class _Evidence:
         weights and its bias: the refit the pass applies, restricted to one consumer and to
         the group's own columns (the other inputs stay as they are)."""
         problems = []
-        for patches, weight in self._consumer_inputs(g, lambda outputs: self.max_rows):
+
+        def rows(outputs: int, width: int) -> int:
+            # Bounded so the sampled inputs stay under ~160 MB of float64 however wide.
+            return max(1, min(self.max_rows, _SEARCH_ELEMENTS // width))
+
+        for patches, weight in self._consumer_inputs(g, rows):
             width = patches.shape[1] * patches.shape[2]
             if width > MAX_SEARCH_INPUTS:
-                continue  # the Gram matrix would not fit; this consumer does not vote
+                continue  # too wide to solve once per trial; this consumer does not vote
             stats = FitStats(width, weight.shape[0])
             stats.add(patches.reshape(len(patches), -1), np.einsum("rct,oct->ro", patches, weight))
             problems.append((stats, np.arange(width).reshape(patches.shape[1], -1)))
         return problems
 
-    def _consumer_inputs(self, g: DependencyGroup, rows_for: Callable[[int], int]):
+    def _consumer_inputs(self, g: DependencyGroup, rows_for: Callable[[int, int], int]):
         """Per one-to-one consumer: sampled inputs [rows, channels, span * taps] of the group's
         channels (float64) and the matching weight slice [outputs, channels, span * taps];
-        `rows_for(outputs)` says how many rows to sample in all."""
+        `rows_for(outputs, inputs)` says how many rows to sample in all."""
         for ref, layer in self.reading_layers(g):
             weight = layer.weight()  # [outputs, inputs, taps]
-            per_batch = max(1, math.ceil(rows_for(weight.shape[0]) / max(1, len(self.feeds))))
+            wanted = rows_for(weight.shape[0], g.size * ref.span * weight.shape[2])
+            per_batch = max(1, math.ceil(wanted / max(1, len(self.feeds))))
             rng = np.random.default_rng(self.seed)
             columns = _columns(ref, g.size).ravel()
             chunks = [
@@ -502,7 +511,8 @@ class _Evidence:
         return None
 
     def nisp(self, g: DependencyGroup) -> list[np.ndarray]:
-        """Per producing member: the NISP importance of the channels it makes."""
+        """Per producing member: the NISP importance of the channels it makes (else, per
+        consumer, the importance its weights give the group's channels at its input)."""
         if self.propagation is None:
             self.propagation = nisp.propagate(self.model)
         out = []
@@ -515,6 +525,13 @@ class _Evidence:
             vector = self.propagation.channels(layer.output.name, width)
             if vector is not None and _covers(ref, g.size, width):
                 out.append(vector[_columns(ref, g.size)].sum(axis=1))
+        if not out:
+            # The walk stopped between producers and consumers (attention heads: Reshape,
+            # Transpose): read what the consumers' |W| alone sends back to their inputs.
+            for ref, layer in self.reading_layers(g):
+                vector = self.propagation.channels(layer.input.name, layer.weight_shape[1])
+                if vector is not None:
+                    out.append(vector[_columns(ref, g.size)].sum(axis=1))
         return out
 
     def reading_layers(self, g: DependencyGroup) -> list[tuple[ChannelRef, LinearLayer]]:

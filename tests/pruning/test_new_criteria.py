@@ -297,3 +297,14 @@ def test_nisp_prunes_the_sample_cnn_without_data_and_unevenly(cnn):
     kept = sorted(c.detail for c in result.record.changes)
     assert len(set(kept)) > 1  # one global ranking: the groups lose different shares
     assert analyze_cost(result.model).total_macs < analyze_cost(cnn).total_macs
+
+
+def test_nisp_names_the_ops_it_cannot_pass_and_still_scores_attention_heads():
+    model = io.load("sample_models/digits_transformer.onnx")
+    result = ChannelPruning(criterion="nisp", ratio=0.3)(model)
+    check_model(result.model)
+    blocked = [n for n in result.record.notes if n.startswith("nisp: importance cannot pass through")]
+    assert len(blocked) == 1 and "Softmax" in blocked[0] and "Transpose" in blocked[0]
+    # Heads: the walk stops at the attention Reshape, so the out-projection's |W| scores them.
+    assert not [n for n in result.record.notes if "scored by l1" in n]
+    assert result.record.changes
