@@ -8,7 +8,7 @@ short names (graph inputs and outputs are kept), nodes the quantizer created los
 generated names while the model's own node names are kept (layers stay recognisable; a
 quantized replacement such as MatMulInteger takes the name of the layer it replaced), and
 intermediate value_info is dropped (onnxruntime infers it at load), and so are opset imports
-of domains no node uses.
+of domains no node uses and attributes that restate their default.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 from onnx_ir.passes.common import DeduplicateInitializersPass, RemoveUnusedNodesPass
+
+from onnxslim_tool.quantization.default_attributes import drop_default_attributes
 
 _ALPHABET = string.digits + string.ascii_letters
 
@@ -55,6 +57,7 @@ def compact(model: ir.Model, keep_node_names: set[str]) -> None:
     RemoveUnusedNodesPass()(model)
     DeduplicateInitializersPass()(model)
     _drop_unused_opsets(model)
+    drop_default_attributes(model)
     public = {v.name for g in model.graphs() for v in (*g.inputs, *g.outputs) if v.name}
     names = _short_names(public)
     for graph in model.graphs():
