@@ -28,6 +28,7 @@ CONV_METHODS = ("svd", "spatial-svd", "cp", "tucker")
 # The ratio search: a grid of this step, then this many bisection steps.
 GRID_STEP = 0.05
 SEARCH_STEPS = 8
+REACH_TOLERANCE = 0.02
 
 
 def variants() -> list[Variant]:
@@ -96,7 +97,8 @@ def convert(kind: str, kept: float, method: str, refit: bool, job: Job) -> dict[
 
 def search_ratio(model, kind: str, kept: float, method: str) -> tuple[float, float]:
     """The largest per-layer ratio whose planned whole-model `kind` fraction is <= `kept`,
-    and that fraction (the smallest fraction reachable when none is that low).
+    and that fraction (when no ratio gets that low, the mildest one that comes close to the
+    lowest reachable fraction).
 
     The fraction is not monotone in the ratio at the low end (a layer whose rank 1 is over
     its budget is skipped, so it saves nothing): a coarse grid first, then bisection
@@ -117,8 +119,11 @@ def search_ratio(model, kind: str, kept: float, method: str) -> tuple[float, flo
         grid[ratio] = fraction(ratio)
     below = [r for r, f in grid.items() if f <= kept]
     if not below:
-        best = min(grid, key=grid.get)
-        return best, grid[best]
+        # Out of reach (e.g. spatial SVD and CP leave ResNet's 1x1 convs alone): the mildest
+        # ratio that comes within REACH_TOLERANCE of the lowest fraction any ratio gives.
+        floor = min(grid.values())
+        mildest = max(r for r, f in grid.items() if f <= floor + REACH_TOLERANCE)
+        return mildest, grid[mildest]
     low, high = max(below), min(1.0, max(below) + GRID_STEP)
     for _ in range(SEARCH_STEPS):
         middle = (low + high) / 2

@@ -112,14 +112,14 @@ class ConvLayer:
     ) -> Plan | str:
         c_out, c_in, *k = self.group_shape
         taps = math.prod(k)
-        if method in ("spatial-svd", "cp"):
-            if self.nd != 2:
-                return f"{method} needs a 2-D kernel, this conv is {self.nd}-D"
-            if taps == 1:
-                return f"1x1 conv: nothing for {method} to factorize spatially"
-            if 1 in k:
-                return f"{k[0]}x{k[1]} kernel is already separable"
         notes = []
+        if method in ("spatial-svd", "cp") and (self.nd != 2 or 1 in k):
+            # What the method would split spatially is not there: the channel SVD, as Tucker
+            # does for 1x1 convs, so a bottleneck net's 1x1 convs still count toward a target.
+            shape = "x".join(map(str, k))
+            why = f"{self.nd}-D kernel" if self.nd != 2 else "1x1 conv" if taps == 1 else f"{shape} kernel"
+            notes.append(f"{why}: channel SVD ({method} splits a 2-D k x k kernel)")
+            method = "svd"
         if method == "tucker" and taps == 1:
             method = "svd"
             notes.append("1x1 conv: channel SVD (Tucker-2 of a 1x1 kernel adds a factor for nothing)")

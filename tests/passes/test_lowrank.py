@@ -331,7 +331,8 @@ def test_skip_reasons_are_stated():
     _, record = _run_pass(proto, method="cp", refit=False, min_params=0, exclude=["small"])
     skips = _skips(record)
     assert "depthwise conv" in skips["depthwise"]
-    assert "1x1 conv" in skips["pointwise"]
+    pointwise = next(c for c in record.changes if c.layer == "pointwise")  # CP has no 1x1 form: channel SVD
+    assert pointwise.detail.startswith("svd rank") and "1x1 conv: channel SVD (cp splits" in pointwise.detail
     assert "excluded" in skips["small"]
     assert "not a constant" in skips["dynamic"]
     assert "activation x activation" in skips["attention"]
@@ -493,3 +494,21 @@ def test_planned_savings_match_what_the_pass_then_does(method):
     after = analyze_cost(model)
     assert before.total_params - after.total_params == params
     assert before.total_macs - after.total_macs == pytest.approx(macs, rel=0.01)
+
+
+@pytest.mark.parametrize("method", ["spatial-svd", "cp"])
+@pytest.mark.parametrize(
+    ("kernel", "why"), [((1, 1), "1x1 conv"), ((1, 5), "1x5 kernel"), ((5,), "1-D kernel")]
+)
+def test_kernels_without_a_spatial_split_get_the_channel_svd(method, kernel, why):
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(_array(rng, 32, 32, *kernel), "W")
+    pads = [0, 2, 0, 2] if kernel == (1, 5) else [2, 2] if kernel == (5,) else [0, 0, 0, 0]
+    node = helper.make_node("Conv", ["X", "W"], ["Y"], name="conv", pads=pads)
+    proto = _model([node], [_input("X", [2, 32, *([9, 9] if len(kernel) == 2 else [9])])], [weight])
+    model, record = _run_pass(proto, ratio=0.5, method=method, refit=False)
+    assert record.changes[0].detail.startswith("svd rank")
+    assert f"{why}: channel SVD ({method} splits a 2-D k x k kernel)" in record.changes[0].detail
+    check_model(model)
+    feed = _feed(proto)
+    assert run_proto(ir.to_proto(model), feed)[0].shape == run_proto(proto, feed)[0].shape
