@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 from joblib import Parallel, delayed
 
-from onnxslim_tool import io
+from onnxslim_tool import io, storage
 from onnxslim_tool.cost import analyze_cost
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import OnnxSlimError
@@ -191,7 +191,7 @@ def _measure_one(
     drop, metric = metric_drop(reference, candidate)
     cost = analyze_cost(model)
     return Point(
-        value, drop, metric, cost.total_params, cost.total_macs, bytes_after=io.serialized_size(model)
+        value, drop, metric, cost.total_params, cost.total_macs, bytes_after=storage.compacted_size(model)
     )
 
 

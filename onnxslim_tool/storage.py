@@ -774,6 +774,18 @@ def shorten_names(model: ir.Model) -> None:
     compact(model, {node.name for graph in model.graphs() for node in graph if node.name})
 
 
+def compacted_size(model: ir.Model) -> int:
+    """Serialized bytes of `model` after `shorten_names` (on a copy): sizes compared on this
+    footing differ by what was compressed, not by which passes happened to compact names."""
+    from onnxslim_tool import io
+
+    if io.weight_bytes(model) > io.EXTERNAL_DATA_THRESHOLD or io.has_external_tensors(model):
+        return io.serialized_size(model)  # names are noise beside gigabytes of weights
+    copy = io.load(io.to_compact_proto(model).SerializeToString())
+    shorten_names(copy)
+    return io.serialized_size(copy)
+
+
 # ----- hashed weights (Chen et al. 2015) --------------------------------------------------------
 
 HASH_PRIME = 2_147_483_647  # 2**31 - 1: a*i stays below 2**62 for every index of a < 2**31-element stream

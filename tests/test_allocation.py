@@ -64,3 +64,27 @@ def test_size_target_is_met_within_the_budget_on_the_sample_mlp():
     assert io.serialized_size(result.model) <= 25_000
     assert result.accuracy_before - result.accuracy_after <= 0.01
     assert result.allocation["chosen"] and result.allocation["evaluations"] > 0
+
+
+def test_search_ends_when_estimated_savings_exceed_the_whole_model(monkeypatch):
+    """Per-layer savings measured alone can add up to more than the model: the re-aim loop
+    must still end (it once shrank its aim forever) and report the target out of reach."""
+    from types import SimpleNamespace
+
+    from onnxslim_tool import allocation
+
+    model = io.load("sample_models/digits_mlp.onnx")
+    base = io.serialized_size(model)
+    options = [Option(f"layer{i}", "share", 4, base, 0.001) for i in range(3)]
+    monkeypatch.setattr(allocation, "measure_options", lambda *a, **k: (options, 0.0, len(options)))
+    data = CalibrationData.from_npz("sample_models/digits_mlp_eval.npz")
+    runs = []
+
+    def run(passes):
+        runs.append(passes)
+        return SimpleNamespace(model=model)  # never smaller: the target is never met
+
+    found, _ = allocation.search(model, Target("size", 1000), data, data, run)
+    assert not found.met
+    assert 1 <= len(runs) <= allocation.ATTEMPTS
+    assert any("out of reach" in note for note in found.notes)
