@@ -492,7 +492,12 @@ def compress(
         ),
     ] = None,
     share_method: Annotated[
-        str | None, typer.Option("--share-method", help="kmeans (default) or hash.", rich_help_panel=_SHARE)
+        str | None,
+        typer.Option(
+            "--share-method",
+            help="kmeans (default), hash, ternary ({-a,0,+a}, 2-bit) or pow2 (0 and +-2^e).",
+            rich_help_panel=_SHARE,
+        ),
     ] = None,
     quantize: Annotated[
         str | None,
@@ -565,7 +570,15 @@ def compress(
         raise OnnxSlimError(f"output path is the input path: {output} (the input is never overwritten)")
     io.check_writable(output)  # fail before the work, not after it
     method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy)
-    method_flags += (prune_weights, share_bits, quantize, drop_blocks, drop_blocks_macs, merge_layers or None)
+    method_flags += (
+        prune_weights,
+        share_bits,
+        share_method,
+        quantize,
+        drop_blocks,
+        drop_blocks_macs,
+        merge_layers or None,
+    )
     target = _target(target_size, target_latency)
     if recipe_name is not None and any(f is not None for f in method_flags):
         raise OnnxSlimError("give either --recipe or method flags (put the methods in the recipe)")

@@ -201,8 +201,9 @@ def recipe_from_flags(
         steps.append(Step("lowrank", params))
     if prune_weights is not None:
         steps.append(Step("weight-pruning", {"sparsity": prune_weights, **common}))
-    if share_bits is not None:
-        params = {"bits": share_bits, **common}
+    if share_bits is not None or share_method:
+        # --share-method alone means sharing with that method at its default width.
+        params = {**({"bits": share_bits} if share_bits is not None else {}), **common}
         if share_method:
             params["method"] = share_method
         steps.append(Step("weight-sharing", params))

@@ -69,3 +69,9 @@ def test_flags_order_passes_so_they_compose():
     assert recipe.steps[0].params["fold_batchnorm"] is False  # bn_gamma needs the BatchNorms
     assert all(s.params["exclude"] == ["head*"] for s in recipe.steps)
     assert [s.name for s in recipe_from_flags().steps] == ["cleanup"]
+
+
+def test_share_method_alone_means_sharing_with_that_method():
+    recipe = recipe_from_flags(share_method="ternary")
+    (step,) = [s for s in recipe.steps if s.name == "weight-sharing"]
+    assert step.params["method"] == "ternary" and "bits" not in step.params

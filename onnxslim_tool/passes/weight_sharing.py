@@ -15,6 +15,16 @@ Two ways to choose the shared values:
   training HashedNets assume, a random assignment loses most of a layer: expect large
   drops and let the accuracy budget decide.
 
+Two fixed-form codebooks for hardware that computes with them (Zhou et al.'s and ShiftCNN's
+targets, not onnxruntime's: it expands every codebook to float weights at load, so these
+save file bytes exactly like k-means codes and run at fp32 speed here; the pass says so):
+
+- ``ternary`` (Li & Liu, "Ternary Weight Networks", 2016): {-a, 0, +a} per layer (or per
+  output channel), threshold 0.7 x mean|w|, a = mean |w| above it; 2-bit codes.
+- ``pow2`` (ShiftCNN, Gudovskiy & Rigazio 2017; INQ, Zhou et al. 2017): 0 and +-2^e for the
+  2^(B-1) - 1 exponents below the layer's largest weight, so a multiply becomes a shift;
+  B-bit codes. The values are fixed powers of two: no refit.
+
 With ``refit=True`` and calibration data, the shared values are then refit by least
 squares so that each layer's output on calibration activations matches the original
 layer's output (the post-training stand-in for Deep Compression's retraining of the
@@ -38,7 +48,8 @@ from onnxslim_tool.graph_utils import attr, single_consumer
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
 from onnxslim_tool.storage import WeightTarget
 
-METHODS = ("kmeans", "hash")
+METHODS = ("kmeans", "hash", "ternary", "pow2")
+TERNARY_THRESHOLD = 0.7  # x mean |w|: TWN's approximation of the optimal threshold
 INITS = ("linear", "density", "random", "kmeans++")
 MINIBATCH_ABOVE = 65_536  # weights per fit above which mini-batch k-means is used
 # A table whose weights are at least this share exactly zero was pruned: keep zero exact.
@@ -72,6 +83,10 @@ class WeightSharing(CompressionPass):
             raise PassError(f"unknown k-means init '{init}'; choose from: {', '.join(INITS)}")
         if method == "hash" and per_channel:
             raise PassError("hashed weight sharing has one bucket table per layer; drop per_channel")
+        if method == "pow2" and int(bits) < 2:
+            raise PassError("power-of-two sharing needs at least 2 bits (zero and one +-2^e pair)")
+        if method == "ternary":
+            bits = 2  # {-a, 0, +a}: the codes are 2-bit whatever was asked
         self.bits = int(bits)
         self.method = method
         self.per_channel = bool(per_channel)
@@ -85,7 +100,7 @@ class WeightSharing(CompressionPass):
         return self.refit
 
     def milder(self) -> WeightSharing | None:
-        if self.bits >= 8:
+        if self.bits >= 8 or self.method == "ternary":  # ternary has no milder form of its own
             return None
         params = self.params()
         params["bits"] = self.bits + 1
@@ -105,8 +120,16 @@ class WeightSharing(CompressionPass):
             return
         originals = {t.value.name: t.array for t in targets}
         tables = self._share(targets)
-        if self.refit:
+        if self.refit and self.method == "pow2":
+            record.notes.append("refit skipped: power-of-two values are fixed by construction")
+        elif self.refit:
             self._refit(model, targets, tables, record)
+        if self.method in ("ternary", "pow2"):
+            record.notes.append(
+                f"{self.method} codes: the file shrinks like any codebook, but onnxruntime expands "
+                "them to float weights at load, so inference is not faster here (the form pays on "
+                "shift/ternary hardware)"
+            )
         for target, table in zip(targets, tables, strict=True):
             target.set(table.weights(target.array.dtype))
         ours = {t.value for t in targets}
@@ -131,7 +154,12 @@ class WeightSharing(CompressionPass):
         for target in targets:
             array = target.array
             axis = target.output_axis() if self.per_channel else None
-            tables.append(share_kmeans(array, self.bits, self.init, self.seed, axis))
+            if self.method == "ternary":
+                tables.append(share_ternary(array, axis))
+            elif self.method == "pow2":
+                tables.append(share_pow2(array, self.bits, axis))
+            else:
+                tables.append(share_kmeans(array, self.bits, self.init, self.seed, axis))
         return tables
 
     def _hash(self, targets: list[WeightTarget]) -> list[SharedTable]:
@@ -192,6 +220,11 @@ class WeightSharing(CompressionPass):
     def _describe(self, table: SharedTable) -> str:
         if self.method == "hash":
             return f"{self.bits}-bit hashed sharing ({table.values.size} buckets)"
+        layout = "per output channel" if table.axis is not None else "per layer"
+        if self.method == "ternary":
+            return f"ternary {{-a, 0, +a}} ({layout})"
+        if self.method == "pow2":
+            return f"{self.bits}-bit powers of two (0 and +-2^e, {layout})"
         zero = ", zero reserved" if table.zero_reserved else ""
         layout = "per output channel" if table.axis is not None else "per layer"
         return f"{self.bits}-bit k-means ({self.init} init, codebook {layout}{zero})"
@@ -258,6 +291,59 @@ def share_kmeans(array: np.ndarray, bits: int, init: str, seed: int, axis: int |
         values[r, : row_values.size] = row_values
     codes = np.stack([c for _, c, _ in fits]).reshape(moved.shape)
     return SharedTable(values, np.moveaxis(codes, 0, axis), axis, zero_reserved=any(z for _, _, z in fits))
+
+
+def share_ternary(array: np.ndarray, axis: int | None) -> SharedTable:
+    """{-a, 0, +a} tables (TWN): per layer, or per slice along `axis`; code 0 is the exact zero."""
+    return _per_slice(array, axis, _ternary_table)
+
+
+def share_pow2(array: np.ndarray, bits: int, axis: int | None) -> SharedTable:
+    """0 and +-2^e tables for the 2^(bits-1) - 1 exponents at and below each slice's largest."""
+    return _per_slice(array, axis, lambda flat: _pow2_table(flat, bits))
+
+
+def _per_slice(array: np.ndarray, axis: int | None, fit) -> SharedTable:
+    if axis is None:
+        values, codes = fit(array.ravel())
+        return SharedTable(values, codes.reshape(array.shape), zero_reserved=True)
+    moved = np.moveaxis(array, axis, 0)
+    fits = [fit(row) for row in moved.reshape(moved.shape[0], -1)]
+    width = max(v.size for v, _ in fits)
+    values = np.zeros((len(fits), width))
+    for r, (row_values, _) in enumerate(fits):
+        values[r, : row_values.size] = row_values
+    codes = np.stack([c for _, c in fits]).reshape(moved.shape)
+    return SharedTable(values, np.moveaxis(codes, 0, axis), axis, zero_reserved=True)
+
+
+def _ternary_table(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """values [0, -a, +a] and codes; a minimises the error for TWN's threshold."""
+    w = flat.astype(np.float64)
+    magnitude = np.abs(w)
+    threshold = TERNARY_THRESHOLD * magnitude.mean() if w.size else 0.0
+    kept = magnitude > threshold
+    alpha = float(magnitude[kept].mean()) if kept.any() else 0.0
+    codes = np.where(kept, np.where(w < 0, 1, 2), 0).astype(np.int64)
+    return np.array([0.0, -alpha, alpha]), codes
+
+
+def _pow2_table(flat: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """values [0, +-2^e_max, +-2^(e_max-1), ...] and the nearest value's code for every weight."""
+    w = flat.astype(np.float64)
+    largest = float(np.abs(w).max()) if w.size else 0.0
+    if largest == 0.0:
+        return np.zeros(1), np.zeros(w.shape, dtype=np.int64)
+    # The top exponent rounds the largest weight to its nearest power of two (log2 rounding
+    # would pick 2^e for 1.45 * 2^e, whose nearest power is 2^(e+1)).
+    top = int(np.floor(np.log2(largest)))
+    if largest > 1.5 * 2.0**top:
+        top += 1
+    magnitudes = 2.0 ** (top - np.arange((1 << (bits - 1)) - 1))
+    values = np.concatenate([[0.0], -magnitudes, magnitudes])
+    order = np.argsort(values)
+    codes_sorted = nearest(w, values[order])
+    return values, order[codes_sorted].astype(np.int64)
 
 
 def _fit_table(flat: np.ndarray, k: int, init: str, seed: int, dtype) -> tuple[np.ndarray, np.ndarray, bool]:
