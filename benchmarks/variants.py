@@ -24,7 +24,7 @@ PRUNING_STUDY_CUTS = (0.1, 0.2, 0.3)
 STUDY = "pruning"
 # Other studies (on request, named by group in `--variants`) live in their own modules:
 # each exposes `variants() -> list[Variant]` (all on_request) and `NAME`, the group name.
-STUDY_MODULES = ("benchmarks.studies.sharing", "benchmarks.studies.lowrank")
+STUDY_MODULES = ("benchmarks.studies.sharing", "benchmarks.studies.lowrank", "benchmarks.studies.extras")
 
 
 @dataclass(frozen=True)
