@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxslim_tool import io, storage
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import PassError
 from onnxslim_tool.graph_utils import const_array
@@ -107,6 +108,7 @@ class Quantize(CompressionPass):
         refusal = is_quantized(model)
         if refusal:
             raise PassError(refusal)
+        coded = _coded_weights(model)
         with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp, quiet():
             workdir = Path(tmp)
             prepared = prepare(model, workdir, per_channel=self.per_channel, notes=record.notes)
@@ -124,7 +126,7 @@ class Quantize(CompressionPass):
                 Context(
                     float_model=prepared.model,
                     per_channel=prepared.per_channel,
-                    excluded=self._excluded(prepared.model),
+                    excluded=self._excluded(prepared.model) | coded.exclusions(prepared.model),
                     calibration=calibration,
                     holdout=holdout,
                     workdir=workdir,
@@ -142,6 +144,9 @@ class Quantize(CompressionPass):
             record.notes.append(
                 "internal tensor names shortened, duplicate scales stored once (node names kept)"
             )
+            if coded.layers:
+                coded.store_again(result)
+                record.notes.append(f"{len(coded.layers)} layer(s) kept the codes an earlier pass stored")
         _install(model, result)
 
     def _static_options(self) -> StaticOptions:
@@ -191,6 +196,51 @@ class Quantize(CompressionPass):
 
 
 NOTHING_TO_QUANTIZE = "no float weights or constants: nothing to quantize"
+CODED = "weights already stored as codes or sparse by an earlier pass (int8 would store them larger)"
+
+
+class _CodedWeights:
+    """Layer weights an earlier pass (sharing, weight pruning) stored as codes or masks.
+
+    Quantizing them would expand a 2-4 bit codebook into 8 bits: they stay float here and
+    are stored as codes again afterwards (`storage.pack` is a pure function of the values,
+    so the same codes come back).
+    """
+
+    def __init__(self, layers: set[str], digests: set[tuple[tuple[int, ...], bytes]]) -> None:
+        self.layers = layers
+        self.digests = digests
+
+    def exclusions(self, model: ir.Model) -> dict[str, str]:
+        """Nodes of `model` reading a coded weight, by value: pre-processing renames fused layers."""
+        found = {}
+        for node in model.graph:
+            for value in node.inputs:
+                array = const_array(value) if value is not None else None
+                if array is not None and array.size > 1 and _digest(array) in self.digests and node.name:
+                    found[node.name] = CODED
+        return found
+
+    def store_again(self, model: ir.Model) -> None:
+        again = [
+            value
+            for value in model.graph.initializers.values()
+            if value.const_value is not None and _digest(value.const_value.numpy()) in self.digests
+        ]
+        storage.pack(model, again)
+
+
+def _coded_weights(model: ir.Model) -> _CodedWeights:
+    probe = io.load(model, lift_constants=False)  # a copy: unpacking edits the graph
+    restored = storage.unpack(probe)
+    layers = {use.node.name for value in restored for use in value.uses() if use.node.name}
+    return _CodedWeights(layers, {_digest(value.const_value.numpy()) for value in restored})
+
+
+def _digest(array: np.ndarray) -> tuple[tuple[int, ...], bytes]:
+    import hashlib
+
+    return tuple(array.shape), hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest()
 
 
 def _has_float_constants(model: ir.Model) -> bool:

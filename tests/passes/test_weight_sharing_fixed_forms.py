@@ -77,3 +77,20 @@ def test_ternary_has_no_milder_form_and_pow2_needs_two_bits() -> None:
     assert WeightSharing(3, method="pow2").milder().bits == 4
     with pytest.raises(Exception, match="at least 2 bits"):
         WeightSharing(1, method="pow2")
+
+
+def test_int8_after_sharing_keeps_the_codes_and_the_file_small() -> None:
+    """Quantizing shared layers to int8 would expand 4-bit codes to 8 bits: they keep their codes."""
+    from onnxslim_tool.passes.quantization import Quantize
+
+    model = _mlp()
+    _apply(WeightSharing(4, min_params=1), model)
+    shared_size = io.serialized_size(model)
+    shared = _weights(model)
+    record = Quantize(mode="int8-weights")(model).record
+    assert io.serialized_size(model) <= shared_size + 300  # scales of what was left float, at most
+    after = list(_weights(model).values())  # onnxruntime's pre-processing may rename fused layers
+    assert len(after) == len(shared)
+    for weight in shared.values():
+        assert any(w.shape == weight.shape and np.array_equal(w, weight) for w in after)
+    assert any("kept the codes an earlier pass stored" in note for note in record.notes)
