@@ -33,6 +33,7 @@ from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.passes import pass_class
 from onnxslim_tool.passes.base import CompressionPass
+from onnxslim_tool.task_metrics import TaskMetricSpec
 
 KINDS = ("macs", "size", "latency")
 # Methods searched per target: what reduces that cost. Pruning first on ties: it makes the
@@ -123,6 +124,7 @@ def measure_options(
     n_jobs: int = 1,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    task_metric: TaskMetricSpec | None = None,
 ) -> tuple[list[Option], float, int]:
     """Every (layer, method, setting) the scan could apply, with its saving and drop."""
     cost = analyze_cost(model)
@@ -135,7 +137,14 @@ def measure_options(
         if progress:
             progress(f"measuring sensitivity ({method})")
         report = sensitivity.scan(
-            model, method, calibration, evaluation, max_layers=max_layers, n_jobs=n_jobs, seed=seed
+            model,
+            method,
+            calibration,
+            evaluation,
+            max_layers=max_layers,
+            n_jobs=n_jobs,
+            seed=seed,
+            task_metric=task_metric,
         )
         seconds += report.seconds
         for layer in report.layers:
@@ -216,6 +225,7 @@ def search(
     n_jobs: int = 1,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    task_metric: TaskMetricSpec | None = None,
 ) -> tuple[Allocation, Any]:
     """Allocate, run the allocation through `run(passes) -> Result`, measure, re-aim.
 
@@ -232,6 +242,7 @@ def search(
         n_jobs=n_jobs,
         seed=seed,
         progress=progress,
+        task_metric=task_metric,
     )
     if not options:
         raise OnnxSlimError(f"no layer can be compressed toward {target.describe()}")

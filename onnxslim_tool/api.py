@@ -18,6 +18,7 @@ from onnxslim_tool.passes.base import CompressionPass
 from onnxslim_tool.passes.normalize import Cleanup
 from onnxslim_tool.pipeline import EVAL_BATCH, Pipeline, ProgressFn, Result, covered_labels
 from onnxslim_tool.recipe import Recipe, Step, resolve
+from onnxslim_tool.task_metrics import TaskMetricSpec, load_task_metric
 
 # Held-out share when one data set must serve both calibration and evaluation.
 DEFAULT_HOLDOUT = 0.5
@@ -37,6 +38,7 @@ def compress(
     target: Target | None = None,
     target_layers: int | None = 24,
     n_jobs: int = 1,
+    task_metric: TaskMetricSpec | None = None,
 ) -> Result:
     """Run `passes` (default: lossless cleanup) on `model`, validated and gated pass by pass.
 
@@ -52,12 +54,32 @@ def compress(
     per-layer sensitivity choose the passes (`allocation.py`: the `target_layers` heaviest
     layers are candidates, their evaluations run as `n_jobs` joblib jobs); give no passes
     or recipe with it. The result's `allocation` says what was chosen and reached.
+
+    `task_metric` (a built-in name such as "detection-f1", "module:function", or a callable
+    `(outputs, reference_outputs) -> float`) is what the budget judges: each candidate's
+    score against the original model's outputs. Without it, labels give the accuracy, and
+    unlabelled data falls back to top-1 agreement or output cosine. A recipe may name one.
     """
+    # A named metric goes into the output's provenance; a callable has no name to replay.
+    metric_spec = task_metric if isinstance(task_metric, str) else None
+    if task_metric is not None:
+        task_metric = load_task_metric(task_metric)  # a bad spec fails before any work
     if target is not None:
         if passes is not None or recipe is not None:
             raise OnnxSlimError("a target chooses its own passes: give no passes or recipe with it")
         return _compress_to_target(
-            model, data, eval_data, target, max_drop, input_shapes, seed, progress, target_layers, n_jobs
+            model,
+            data,
+            eval_data,
+            target,
+            max_drop,
+            input_shapes,
+            seed,
+            progress,
+            target_layers,
+            n_jobs,
+            task_metric,
+            metric_spec,
         )
     if recipe is not None:
         if passes is not None:
@@ -66,9 +88,13 @@ def compress(
         if seed:
             recipe.seed = seed
         max_drop = recipe.max_drop if max_drop is None else max_drop
+        if task_metric is None and recipe.task_metric is not None:
+            task_metric = load_task_metric(recipe.task_metric)
         passes = recipe.build()
     else:
         recipe = Recipe([Step(p.name, p.params()) for p in passes or [Cleanup()]], max_drop, seed)
+    if metric_spec is not None:
+        recipe.task_metric = metric_spec
     seed = recipe.seed
     loaded = io.load(model, lift_constants=False)
     io.check_finite_weights(loaded)
@@ -79,7 +105,12 @@ def compress(
     for p in passes:
         p.bind_data(calibration)
     result = Pipeline(
-        passes, evaluation, max_drop=max_drop, input_shapes=input_shapes, progress=progress
+        passes,
+        evaluation,
+        max_drop=max_drop,
+        input_shapes=input_shapes,
+        progress=progress,
+        task_metric=task_metric,
     ).run(loaded)
     _record_provenance(result.model, recipe, model)
     if isinstance(model, (str, os.PathLike)):
@@ -98,6 +129,8 @@ def _compress_to_target(
     progress: ProgressFn | None,
     target_layers: int | None,
     n_jobs: int,
+    task_metric: TaskMetricSpec | None = None,
+    metric_spec: str | None = None,
 ) -> Result:
     loaded = io.load(model, lift_constants=False)
     io.check_finite_weights(loaded)
@@ -110,7 +143,12 @@ def _compress_to_target(
         for p in passes:
             p.bind_data(calibration)
         pipeline = Pipeline(
-            passes, evaluation, max_drop=max_drop, input_shapes=input_shapes, progress=progress
+            passes,
+            evaluation,
+            max_drop=max_drop,
+            input_shapes=input_shapes,
+            progress=progress,
+            task_metric=task_metric,
         )
         return pipeline.run(loaded)
 
@@ -124,10 +162,15 @@ def _compress_to_target(
         n_jobs=n_jobs,
         seed=seed,
         progress=progress,
+        task_metric=task_metric,
     )
     result.allocation = allocation.to_dict()
     recipe = Recipe(
-        [Step(p.name, p.params()) for p in chosen_passes], max_drop, seed, name=f"target-{target.kind}"
+        [Step(p.name, p.params()) for p in chosen_passes],
+        max_drop,
+        seed,
+        name=f"target-{target.kind}",
+        task_metric=metric_spec,
     )
     _record_provenance(result.model, recipe, model)
     if isinstance(model, (str, os.PathLike)):

@@ -22,6 +22,7 @@ from onnxslim_tool.data import ImageOptions, load_data
 from onnxslim_tool.errors import BudgetError, OnnxSlimError
 from onnxslim_tool.pruning.importance import CRITERIA
 from onnxslim_tool.recipe import BUILTIN, DEFAULT_WITH_DATA, Recipe, recipe_from_flags, resolve
+from onnxslim_tool.task_metrics import load_task_metric
 
 app = typer.Typer(
     name="onnxslim-tool",
@@ -57,6 +58,20 @@ SyntheticOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+TaskMetricOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task-metric",
+        help="The score --max-drop (and analyze's drop) is measured in: detection-f1 "
+        "(YOLOv8-style head [N, 4 + classes, anchors]: detections after score 0.25 / NMS 0.45, "
+        "matched to the original's at IoU 0.5) "
+        "or package.module:function taking (outputs, reference_outputs) and returning a score, "
+        "higher is better. Without it, labelled data is judged by accuracy and unlabelled data by "
+        "top-1 agreement or cosine over the whole output, which can stay near 1 while a detector "
+        "loses most of its detections (its class scores slide under the threshold).",
+        rich_help_panel="Accuracy budget and scope",
+    ),
+]
 
 _IMAGES = "Image folder preprocessing (when --data is a folder of images)"
 ImageSizeOpt = Annotated[
@@ -514,7 +529,7 @@ def compress(
         typer.Option(
             "--max-drop",
             help="Largest allowed metric drop, as a fraction (0.01 = 1 point); passes "
-            "that break it are backed off or rolled back.",
+            "that break it are backed off or rolled back. The metric: see --task-metric.",
             rich_help_panel=_BUDGET,
         ),
     ] = None,
@@ -546,6 +561,7 @@ def compress(
             "Default: the recipe file's seed, else 0.",
         ),
     ] = None,
+    task_metric: TaskMetricOpt = None,
     json_output: JsonOpt = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing but errors (for pipelines).")
@@ -569,6 +585,8 @@ def compress(
     if io.same_file(model, output) or model.resolve() == output.resolve():
         raise OnnxSlimError(f"output path is the input path: {output} (the input is never overwritten)")
     io.check_writable(output)  # fail before the work, not after it
+    if task_metric is not None:
+        load_task_metric(task_metric)  # a bad spec: one line naming it, before anything else
     method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy)
     method_flags += (
         prune_weights,
@@ -625,8 +643,11 @@ def compress(
             exclude=exclude,
             seed=seed_option or 0,
         )
+    if task_metric is not None:
+        chosen.task_metric = task_metric  # the flag overrides a recipe file's
     seed = chosen.seed
-    chosen.build()  # a bad parameter fails here, before any data is read
+    chosen.validate()  # a bad metric or parameter fails here, before any data is read
+    chosen.build()
     loaded = io.load(model)
     shapes = parse_input_shapes(input_shape)
     images = image_options(image_size, mean, std, scale, layout, color)
@@ -652,6 +673,7 @@ def compress(
             max_drop=max_drop if target is not None else None,
             seed=seed,
             n_jobs=jobs,
+            task_metric=chosen.task_metric,
         )
     target_missed = result.allocation is not None and not result.allocation["met"]
     missed = bool(result.over_budget) or target_missed
@@ -707,6 +729,7 @@ def analyze(
     ] = Path("onnxslim-analysis"),
     input_shape: InputShapeOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for the data split and the passes.")] = 0,
+    task_metric: TaskMetricOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Per layer, how much the metric drops when that layer alone is compressed, at several settings."""
@@ -715,6 +738,7 @@ def analyze(
 
     if method not in METHODS:
         raise OnnxSlimError(f"--method must be one of: {', '.join(METHODS)}")
+    metric = load_task_metric(task_metric) if task_metric is not None else None
     loaded = io.load(model)
     shapes = parse_input_shapes(input_shape)
     dataset = load_data(data, loaded, synthetic=synthetic, seed=seed, input_shapes=shapes)
@@ -735,6 +759,7 @@ def analyze(
             max_layers=max_layers,
             n_jobs=jobs,
             seed=seed,
+            task_metric=metric,
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"sensitivity_{method}"

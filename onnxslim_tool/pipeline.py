@@ -23,6 +23,7 @@ from onnxslim_tool.cost import analyze_cost
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
+from onnxslim_tool.task_metrics import TaskMetricSpec, load_task_metric, score
 
 # A lossless pass may move outputs by float reassociation only.
 LOSSLESS_REL_TOL = 1e-3
@@ -50,10 +51,15 @@ class ModelStats:
 
 @dataclass
 class Evaluation:
-    """Outputs of a model on the evaluation data, plus the task metric when labels exist."""
+    """Outputs of a model on the evaluation data, plus its score when there is one to compute.
+
+    `accuracy` is the labelled accuracy, or the task metric against the original's outputs
+    when one is given; `metric` names which.
+    """
 
     outputs: dict[str, np.ndarray]
     accuracy: float | None
+    metric: str = "accuracy"
 
     def fidelity_to(self, reference: Evaluation) -> list[metrics.OutputFidelity]:
         return metrics.compare_outputs(reference.outputs, self.outputs)
@@ -106,6 +112,8 @@ class Result:
     eval_samples: int
     # Set when a target (size/MACs/latency) chose the passes: the search's decisions.
     allocation: dict[str, Any] | None = None
+    # What accuracy_before/after measure: labelled "accuracy" or "task metric '<name>'".
+    metric: str = "accuracy"
 
     def save(self, path: str | Path) -> Path:
         """Write the model atomically; `after.bytes` becomes the bytes really written."""
@@ -126,6 +134,7 @@ class Result:
                 "params": _ratio(self.after.params, self.before.params),
                 "macs": _ratio(self.after.macs, self.before.macs),
             },
+            "metric": self.metric if self.accuracy_before is not None else None,
             "accuracy_before": self.accuracy_before,
             "accuracy_after": self.accuracy_after,
             "fidelity": [f.to_dict() for f in self.fidelity],
@@ -153,7 +162,7 @@ class Result:
             f"max output difference {self.max_output_difference:.3g}",
         ]
         if self.accuracy_before is not None:
-            lines.append(f"accuracy {self.accuracy_before:.4f} -> {self.accuracy_after:.4f}")
+            lines.append(f"{self.metric} {self.accuracy_before:.4f} -> {self.accuracy_after:.4f}")
         if self.synthetic_data:
             lines.append("measured on SYNTHETIC random data, not on real inputs")
         for step in self.steps:
@@ -179,10 +188,13 @@ class Pipeline:
         max_drop: float | None = None,
         input_shapes: dict[str, Sequence[int]] | None = None,
         progress: ProgressFn | None = None,
+        task_metric: TaskMetricSpec | None = None,
     ) -> None:
         self.passes = list(passes)
         self.eval_data = eval_data
         self.max_drop = max_drop
+        # Judges candidates against the original's outputs, in place of labels or fidelity.
+        self.task_metric = load_task_metric(task_metric) if task_metric is not None else None
         self.input_shapes = input_shapes
         self.progress = progress or (lambda _msg: None)
 
@@ -212,11 +224,19 @@ class Pipeline:
             data_source=self.eval_data.source,
             synthetic_data=self.eval_data.synthetic,
             eval_samples=len(self.eval_data),
+            metric=reference.metric,
         )
 
-    def evaluate(self, model: ir.Model) -> Evaluation:
+    def evaluate(self, model: ir.Model, reference: Evaluation | None = None) -> Evaluation:
+        """Outputs and score of `model`; with no `reference`, `model` is the original.
+
+        A task metric scores against the reference's outputs, so candidates must get it.
+        """
         session = runtime.make_session(model)
         outputs = runtime.run_feeds(session, self.eval_data.batches(EVAL_BATCH))
+        if self.task_metric is not None:
+            against = reference.outputs if reference is not None else outputs
+            return Evaluation(outputs, score(self.task_metric, outputs, against), self.task_metric.label)
         return Evaluation(outputs, metrics.task_accuracy(outputs, covered_labels(self.eval_data, EVAL_BATCH)))
 
     def _run_step(
@@ -252,7 +272,9 @@ class Pipeline:
                         seconds=time.perf_counter() - start,
                     ),
                 )
-            problem, evaluation = self.validate(candidate, previous, lossless=candidate_pass.lossless)
+            problem, evaluation = self.validate(
+                candidate, previous, lossless=candidate_pass.lossless, reference=reference
+            )
             if evaluation is None:
                 # A broken rewrite is a bug, not a matter of degree: no milder retry.
                 last_reason, over_budget = problem or "validation failed", False
@@ -293,15 +315,24 @@ class Pipeline:
         )
 
     def validate(
-        self, candidate: ir.Model, previous: Evaluation, *, lossless: bool
+        self,
+        candidate: ir.Model,
+        previous: Evaluation,
+        *,
+        lossless: bool,
+        reference: Evaluation | None = None,
     ) -> tuple[str | None, Evaluation | None]:
-        """None when the candidate is a valid model that behaves as promised, else why not."""
+        """None when the candidate is a valid model that behaves as promised, else why not.
+
+        `reference` is the original's evaluation (a task metric scores against it); without
+        it `previous` stands in.
+        """
         try:
             check_model(candidate)
         except Exception as exc:
             return f"onnx checker: {_one_line(exc)}", None
         try:
-            evaluation = self.evaluate(candidate)
+            evaluation = self.evaluate(candidate, reference or previous)
         except OnnxSlimError as exc:
             return str(exc), None
         try:
@@ -336,9 +367,9 @@ def covered_labels(data: CalibrationData, batch_size: int) -> np.ndarray | None:
 
 
 def metric_drop(reference: Evaluation, candidate: Evaluation) -> tuple[float, str]:
-    """Drop of the task metric (accuracy) when labels exist, else of fidelity to the original."""
+    """Drop of the score (task metric, else labelled accuracy), else of fidelity to the original."""
     if reference.accuracy is not None and candidate.accuracy is not None:
-        return reference.accuracy - candidate.accuracy, "accuracy"
+        return reference.accuracy - candidate.accuracy, reference.metric
     fidelity = candidate.fidelity_to(reference)
     agreements = [f.top1_agreement for f in fidelity if f.top1_agreement is not None]
     if agreements:

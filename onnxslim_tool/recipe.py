@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxslim_tool import task_metrics
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.passes import available, pass_class
 from onnxslim_tool.passes.base import CompressionPass
+
+RECIPE_KEYS = ("passes", "max_drop", "seed", "name", "task_metric")
 
 
 class RecipeError(OnnxSlimError):
@@ -37,16 +40,16 @@ class Recipe:
     max_drop: float | None = None
     seed: int = 0
     name: str = "custom"
+    # What the budget judges ("detection-f1", "module:function"); None: labels or fidelity.
+    task_metric: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str = "custom") -> Recipe:
         if not isinstance(data, dict):
             raise RecipeError("a recipe is a mapping with a 'passes' list")
-        unknown = set(data) - {"passes", "max_drop", "seed", "name"}
+        unknown = set(data) - set(RECIPE_KEYS)
         if unknown:
-            raise RecipeError(
-                f"unknown recipe key '{sorted(unknown)[0]}'; allowed: passes, max_drop, seed, name"
-            )
+            raise RecipeError(f"unknown recipe key '{sorted(unknown)[0]}'; allowed: {', '.join(RECIPE_KEYS)}")
         raw_steps = data.get("passes")
         if not isinstance(raw_steps, list) or not raw_steps:
             raise RecipeError("recipe needs a non-empty 'passes' list")
@@ -58,7 +61,15 @@ class Recipe:
                 raise RecipeError(f"passes[{i}] must be a pass name or a mapping with a 'pass' key")
             params = {k: v for k, v in raw.items() if k != "pass"}
             steps.append(Step(str(raw["pass"]), params))
-        recipe = cls(steps, data.get("max_drop"), int(data.get("seed", 0)), str(data.get("name", name)))
+        metric = data.get("task_metric")
+        if metric is not None and (not isinstance(metric, str) or not metric):
+            raise RecipeError(
+                f"task_metric must be a built-in name ({', '.join(task_metrics.BUILTIN)}) or "
+                f"'package.module:function', got {metric!r}"
+            )
+        recipe = cls(
+            steps, data.get("max_drop"), int(data.get("seed", 0)), str(data.get("name", name)), metric
+        )
         recipe.validate()
         return recipe
 
@@ -85,9 +96,15 @@ class Recipe:
             "seed": self.seed,
             "max_drop": self.max_drop,
             "passes": [s.to_dict() for s in self.steps],
+            **({"task_metric": self.task_metric} if self.task_metric is not None else {}),
         }
 
     def validate(self) -> None:
+        if self.task_metric is not None:
+            try:  # an unknown name or a failed import fails here, before any data is read
+                task_metrics.load_task_metric(self.task_metric)
+            except OnnxSlimError as exc:
+                raise RecipeError(f"recipe task_metric: {exc}") from None
         for step in self.steps:
             allowed = _constructor_params(step.name)
             for key in step.params:

@@ -101,7 +101,7 @@ def print_result(console: Console, result: Result) -> None:
     table.add_row("nodes", f"{b.nodes:,}", f"{a.nodes:,}", ratio(a.nodes, b.nodes))
     if result.accuracy_before is not None and result.accuracy_after is not None:
         table.add_row(
-            "accuracy",
+            result.metric,  # labelled accuracy, or the task metric against the original
             f"{result.accuracy_before:.4f}",
             f"{result.accuracy_after:.4f}",
             f"{result.accuracy_after - result.accuracy_before:+.4f}",

@@ -24,6 +24,7 @@ from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.passes import pass_class
 from onnxslim_tool.pipeline import Evaluation, Pipeline, metric_drop
 from onnxslim_tool.pruning.depgraph import find_groups
+from onnxslim_tool.task_metrics import TaskMetricSpec
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,13 @@ def scan(
     max_layers: int | None = None,
     n_jobs: int = 1,
     seed: int = 0,
+    task_metric: TaskMetricSpec | None = None,
 ) -> SensitivityReport:
-    """Metric drop of each candidate layer compressed alone, at each setting."""
+    """Metric drop of each candidate layer compressed alone, at each setting.
+
+    With `task_metric`, the drop is that metric's, each candidate scored against the
+    original model's outputs.
+    """
     if method not in METHODS:
         raise OnnxSlimError(f"unknown analysis method '{method}'; choose from: {', '.join(METHODS)}")
     spec = METHODS[method]
@@ -144,10 +150,11 @@ def scan(
         raise OnnxSlimError(f"no named {'/'.join(spec.op_types)} layers with weights to analyse")
     start = time.perf_counter()
     serialized = io.to_compact_proto(model).SerializeToString()
-    reference = Pipeline([], evaluation).evaluate(model)
+    judge = Pipeline([], evaluation, task_metric=task_metric)
+    reference = judge.evaluate(model)
     jobs = [(name, value) for name, *_ in candidates for value in values]
     points = Parallel(n_jobs=n_jobs)(
-        delayed(_measure_one)(serialized, spec, name, value, calibration, evaluation, reference, seed)
+        delayed(_measure_one)(serialized, spec, name, value, calibration, judge, reference, seed)
         for name, value in jobs
     )
     by_layer = {name: LayerSensitivity(name, op, params, macs) for name, op, params, macs in candidates}
@@ -171,7 +178,7 @@ def _measure_one(
     layer: str,
     value: Any,
     calibration: CalibrationData | None,
-    evaluation: CalibrationData,
+    judge: Pipeline,
     reference: Evaluation,
     seed: int,
 ) -> Point:
@@ -185,7 +192,7 @@ def _measure_one(
         result = compression(model)
         if not getattr(result, "modified", True):
             return Point(value, 0.0, "unchanged", error="pass changed nothing on this layer")
-        candidate = Pipeline([], evaluation).evaluate(model)
+        candidate = judge.evaluate(model, reference)
     except Exception as exc:  # one failing layer must not stop the scan: record why
         return Point(value, None, "", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
     drop, metric = metric_drop(reference, candidate)

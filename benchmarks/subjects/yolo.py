@@ -13,16 +13,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
-from scipy.optimize import linear_sum_assignment
 
 from benchmarks.fetch import wheel_member
 from benchmarks.subject import Feed, Score, SetupContext, Subject, save_feeds
+from onnxslim_tool.task_metrics import decode, score_detections
 
 REQUIREMENT = "nudenet==3.4.2"
 MEMBER = "nudenet/320n.onnx"
 SIZE = 320
-CONFIDENCE = 0.25  # nudenet's own score threshold
-NMS_IOU = 0.45  # nudenet's own NMS threshold
+# nudenet's own score and NMS thresholds, the same as the package's detection-f1 defaults, so
+# `--task-metric detection-f1` gates on the number reported here.
+CONFIDENCE = 0.25
+NMS_IOU = 0.45
 MATCH_IOU = 0.5
 EVAL_PHOTOS = ("astronaut.png", "camera.png", "coffee.png", "color.png", "moon.png")
 CALIB_PHOTOS = (
@@ -144,64 +146,20 @@ def letterbox(image: Image.Image) -> np.ndarray:
 
 def _predictor(feeds: list[Feed]):
     def predict(session: ort.InferenceSession) -> Detections:
-        return [decode(session.run(None, feed)[0][0]) for feed in feeds]
+        return [decode(session.run(None, feed)[0][0], CONFIDENCE, NMS_IOU) for feed in feeds]
 
     return predict
 
 
-def decode(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """YOLOv8 head [4 + classes, anchors] -> (boxes xyxy, classes, scores) after per-class NMS."""
-    rows = raw.T
-    scores_all = rows[:, 4:]
-    classes = scores_all.argmax(axis=1)
-    scores = scores_all[np.arange(len(rows)), classes]
-    keep = scores >= CONFIDENCE
-    cx, cy, w, h = rows[keep, :4].T
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-    classes, scores = classes[keep], scores[keep]
-    chosen = [i for c in np.unique(classes) for i in _nms(boxes, scores, np.flatnonzero(classes == c))]
-    chosen = np.array(sorted(chosen), dtype=np.int64)
-    return boxes[chosen], classes[chosen], scores[chosen]
-
-
-def _nms(boxes: np.ndarray, scores: np.ndarray, index: np.ndarray) -> list[int]:
-    """Greedy non-maximum suppression within one class."""
-    order = index[np.argsort(-scores[index], kind="stable")]
-    kept: list[int] = []
-    while order.size:
-        best, order = order[0], order[1:]
-        kept.append(int(best))
-        order = order[iou(boxes[best : best + 1], boxes[order])[0] < NMS_IOU]
-    return kept
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes: [len(a), len(b)]."""
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
-def matched_pairs(reference, candidate) -> int:
-    """One-to-one matches of same-class boxes at IoU >= MATCH_IOU (Hungarian on IoU)."""
-    ref_boxes, ref_classes, _ = reference
-    cand_boxes, cand_classes, _ = candidate
-    if not len(ref_boxes) or not len(cand_boxes):
-        return 0
-    overlap = iou(ref_boxes, cand_boxes)
-    overlap[ref_classes[:, None] != cand_classes[None, :]] = 0.0
-    rows, cols = linear_sum_assignment(-overlap)
-    return int(np.sum(overlap[rows, cols] >= MATCH_IOU))
-
-
 def detection_f1(reference: Detections, candidate: Detections) -> Score:
-    matched = sum(matched_pairs(r, c) for r, c in zip(reference, candidate, strict=True))
-    n_ref = sum(len(r[0]) for r in reference)
-    n_cand = sum(len(c[0]) for c in candidate)
-    precision = matched / n_cand if n_cand else float(n_ref == 0)
-    recall = matched / n_ref if n_ref else float(n_cand == 0)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return Score(f1, {"precision": precision, "recall": recall, "boxes": float(n_cand), "fp32_boxes": n_ref})
+    """The package's detection F1 (onnxslim_tool.task_metrics), with its counts as extras."""
+    counts = score_detections(reference, candidate, MATCH_IOU)
+    return Score(
+        counts.f1,
+        {
+            "precision": counts.precision,
+            "recall": counts.recall,
+            "boxes": float(counts.candidate_boxes),
+            "fp32_boxes": counts.reference_boxes,
+        },
+    )
