@@ -194,7 +194,7 @@ def _notes(v: dict[str, Any]) -> str:
         # A cleanup with nothing to clean is not news; every other non-applied step is.
         if step["status"] == "applied" or (step["status"] == "no-op" and step["pass"] == "cleanup"):
             continue
-        reason = f": {step['reason']}" if step["reason"] and step["status"] != "no-op" else ""
+        reason = f": {step['reason']}" if step.get("reason") and step["status"] != "no-op" else ""
         parts.append(f"{step['pass']} {step['status']}{reason}")
     if notes.get("simplify") and notes["simplify"] != "simplified":
         parts.append(notes["simplify"])

@@ -62,6 +62,9 @@ def convert(kind: str, setting: Any, job: Job) -> dict[str, Any]:
     result.save(job.target)
     record = result.steps[1].record
     return {
-        "steps": [{"pass": s.name, "status": s.status, "seconds": round(s.seconds, 3)} for s in result.steps],
+        "steps": [
+            {"pass": s.name, "status": s.status, "reason": s.reason, "seconds": round(s.seconds, 3)}
+            for s in result.steps
+        ],
         "notes": list(record.notes) if record else [],
     }

@@ -92,6 +92,9 @@ def convert(steps: list[tuple[str, dict[str, Any]]], job: Job) -> dict[str, Any]
     result = api.compress(str(job.source), data, passes=passes, eval_data=data, seed=job.seed)
     result.save(job.target)
     return {
-        "steps": [{"pass": s.name, "status": s.status, "seconds": round(s.seconds, 3)} for s in result.steps],
+        "steps": [
+            {"pass": s.name, "status": s.status, "reason": s.reason, "seconds": round(s.seconds, 3)}
+            for s in result.steps
+        ],
         "notes": [n for s in result.steps if s.record for n in s.record.notes if "written" in n],
     }
