@@ -260,6 +260,11 @@ class Pipeline:
                 last_reason, over_budget = f"pass failed: {type(exc).__name__}: {str(exc)[:200]}", False
                 break
             last_record = record
+            if not record.modified and candidate_pass is not first:
+                # Backed off until nothing changes: the budget, not the model, stopped the
+                # pass, so say so (rolled back, over budget) rather than "no-op".
+                attempts.append(f"{candidate_pass!r}: changes nothing")
+                break
             if not record.modified:
                 return (
                     model,

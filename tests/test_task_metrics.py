@@ -153,6 +153,27 @@ class DimScores(CompressionPass):
         record.changed("head", "MatMul", "class scores x0.7")
 
 
+class DimScoresThenNothing(DimScores):
+    """Backs off to a version that changes nothing (as a mixed-precision search may)."""
+
+    def milder(self) -> CompressionPass | None:
+        return Untouched()
+
+
+class Untouched(CompressionPass):
+    name = "dim-scores"
+
+    def rewrite(self, model: ir.Model, record: PassRecord) -> None:
+        pass
+
+
+def test_backing_off_to_no_change_is_reported_as_over_budget():
+    pipeline = Pipeline([DimScoresThenNothing()], _data(), max_drop=0.01, task_metric="detection-f1")
+    step = pipeline.run(ir.from_proto(_detector())).steps[0]
+    assert step.status == "rolled back" and step.over_budget
+    assert "dropped by" in step.reason and "changes nothing" in step.attempts[-1]
+
+
 def _gate(task_metric):
     pipeline = Pipeline([DimScores()], _data(), max_drop=0.01, task_metric=task_metric)
     return pipeline.run(ir.from_proto(_detector()))
