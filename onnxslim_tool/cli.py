@@ -494,6 +494,15 @@ def compress(
             "--lowrank-method", help="svd, spatial-svd, cp or tucker (for convs).", rich_help_panel=_LOWRANK
         ),
     ] = None,
+    lowrank_rank: Annotated[
+        str | None,
+        typer.Option(
+            "--lowrank-rank",
+            help="How ranks are chosen: ratio (--lowrank), energy (--energy) or vbmf (variational "
+            "Bayesian estimate of each layer's rank, no setting needed; not for cp).",
+            rich_help_panel=_LOWRANK,
+        ),
+    ] = None,
     prune_weights: Annotated[
         float | None,
         typer.Option(
@@ -587,7 +596,7 @@ def compress(
     io.check_writable(output)  # fail before the work, not after it
     if task_metric is not None:
         load_task_metric(task_metric)  # a bad spec: one line naming it, before anything else
-    method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy)
+    method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy, lowrank_rank)
     method_flags += (
         prune_weights,
         share_bits,
@@ -635,6 +644,7 @@ def compress(
             lowrank=lowrank,
             energy=energy,
             lowrank_method=lowrank_method,
+            lowrank_rank=lowrank_rank,
             share_bits=share_bits,
             share_method=share_method,
             quantize=quantize,

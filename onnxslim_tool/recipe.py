@@ -169,6 +169,7 @@ def recipe_from_flags(
     lowrank: float | None = None,
     energy: float | None = None,
     lowrank_method: str | None = None,
+    lowrank_rank: str | None = None,
     share_bits: int | None = None,
     share_method: str | None = None,
     quantize: str | None = None,
@@ -211,10 +212,12 @@ def recipe_from_flags(
         steps += [Step("channel-pruning", params), Step("cleanup", dict(common))]
     if merge_layers:
         steps.append(Step("layer-merging", dict(common)))
-    if lowrank is not None or energy is not None:
+    if lowrank is not None or energy is not None or lowrank_rank is not None:
         params = {"ratio": lowrank, "energy": energy, **common}
         if lowrank_method:
             params["method"] = lowrank_method
+        if lowrank_rank:
+            params["rank_rule"] = lowrank_rank
         steps.append(Step("lowrank", params))
     if prune_weights is not None:
         steps.append(Step("weight-pruning", {"sparsity": prune_weights, **common}))

@@ -75,3 +75,9 @@ def test_share_method_alone_means_sharing_with_that_method():
     recipe = recipe_from_flags(share_method="ternary")
     (step,) = [s for s in recipe.steps if s.name == "weight-sharing"]
     assert step.params["method"] == "ternary" and "bits" not in step.params
+
+
+def test_lowrank_rank_rule_alone_means_low_rank_with_that_rule():
+    recipe = recipe_from_flags(lowrank_rank="vbmf", lowrank_method="tucker")
+    (step,) = [s for s in recipe.steps if s.name == "lowrank"]
+    assert step.params["rank_rule"] == "vbmf" and step.params["method"] == "tucker"
