@@ -27,9 +27,8 @@ def result_markdown(result: Result, title: str = "Compression report") -> str:
         )
     if result.accuracy_before is not None and result.accuracy_after is not None:
         delta = result.accuracy_after - result.accuracy_before
-        lines.append(
-            f"| accuracy | {result.accuracy_before:.4f} | {result.accuracy_after:.4f} | {delta:+.4f} |"
-        )
+        before, after = result.accuracy_before, result.accuracy_after
+        lines.append(f"| {result.metric} | {before:.4f} | {after:.4f} | {delta:+.4f} |")
     lines.append(f"| max output difference | | {result.max_output_difference:.3g} | |")
     source = f"{result.data_source} ({result.eval_samples} samples)"
     lines += ["", f"Measured on {'SYNTHETIC random inputs: ' if result.synthetic_data else ''}{source}.", ""]

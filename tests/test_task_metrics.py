@@ -299,3 +299,20 @@ def test_cli_recipe_file_task_metric_is_applied(monkeypatch, capsys, tmp_path):
         monkeypatch, capsys, "compress", model, "-o", tmp_path / "o.onnx", "--data", data, "--recipe", recipe
     )
     assert code == 0 and "task metric 'detection-f1'" in out
+
+
+def test_markdown_report_names_the_task_metric():
+    from onnxslim_tool import api
+    from onnxslim_tool.data import CalibrationData
+    from onnxslim_tool.passes import Cleanup
+    from onnxslim_tool.report_files import result_markdown
+
+    def agreement(outputs, reference):
+        (name,) = outputs
+        return float((outputs[name].argmax(1) == reference[name].argmax(1)).mean())
+
+    data = CalibrationData.from_npz("sample_models/digits_mlp_eval.npz")
+    result = api.compress("sample_models/digits_mlp.onnx", data, passes=[Cleanup()], task_metric=agreement)
+    text = result_markdown(result)
+    assert f"| {result.metric} | 1.0000 | 1.0000 |" in text
+    assert "task metric" in result.metric
