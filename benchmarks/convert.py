@@ -48,6 +48,7 @@ def main(job_path: str, result_path: str) -> int:
         feeds=Path(spec["feeds"]),
         calibration=Path(spec["calibration"]) if spec.get("calibration") else None,
         seed=int(spec.get("seed", 0)),
+        task_metric=spec.get("task_metric"),
     )
     for module in TOOL_MODULES.get(variant.tool, ()):
         importlib.import_module(module)

@@ -79,6 +79,7 @@ def convert(subject: Subject, variant: str, target: Path, seed: int, timeout: fl
                 "feeds": str(subject.feeds),
                 "calibration": str(subject.calibration) if subject.calibration else None,
                 "seed": seed,
+                "task_metric": subject.task_metric,
             }
         )
     )

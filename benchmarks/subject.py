@@ -49,6 +49,9 @@ class Subject:
     input_shapes: dict[str, list[int]] | None = None
     latency_runs: int = 30
     setup: dict[str, Any] = field(default_factory=dict)  # what the set-up used, for the docs
+    # The task metric our recipes' accuracy gate judges by (`--task-metric`), where the
+    # subject has one the package knows: fidelity alone passed detectors that lost their boxes.
+    task_metric: str | None = None
 
 
 @dataclass(frozen=True)

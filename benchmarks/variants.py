@@ -36,6 +36,7 @@ class Job:
     feeds: Path
     calibration: Path | None
     seed: int = 0
+    task_metric: str | None = None  # what our gated variants judge by (the subject's)
 
 
 Convert = Callable[[Job], dict[str, Any]]  # writes job.target, returns notes for the report
@@ -205,7 +206,7 @@ def _ours(recipe: str, job: Job) -> dict[str, Any]:
     data = CalibrationData.from_npz(job.calibration) if job.calibration else None
     # No eval_data: the API holds out half of the calibration set for its accuracy gate, so
     # the benchmark's own evaluation set is never seen by the compressor.
-    result = api.compress(str(job.source), data, recipe=recipe, seed=job.seed)
+    result = api.compress(str(job.source), data, recipe=recipe, seed=job.seed, task_metric=job.task_metric)
     result.save(job.target)
     return {
         "steps": [
@@ -224,7 +225,7 @@ def _ours_quantize(mode: str, job: Job) -> dict[str, Any]:
 
     data = CalibrationData.from_npz(job.calibration) if job.calibration else None
     recipe = recipe_from_flags(quantize=mode, max_drop=0.01, seed=job.seed)
-    result = api.compress(str(job.source), data, recipe=recipe, seed=job.seed)
+    result = api.compress(str(job.source), data, recipe=recipe, seed=job.seed, task_metric=job.task_metric)
     result.save(job.target)
     return {
         "steps": [{"pass": s.name, "status": s.status, "seconds": round(s.seconds, 3)} for s in result.steps],

@@ -74,6 +74,7 @@ def build(name: str, ctx: SetupContext) -> Subject:
         score=detection_f1,
         metric="detection F1 vs fp32",
         metric_kind="fidelity",
+        task_metric="detection-f1",
         latency_feed=eval_feeds[0],
         input_shapes={"images": [1, 3, SIZE, SIZE]},
         latency_runs=10 if ctx.quick else 50,
