@@ -199,6 +199,9 @@ class Pipeline:
         self.progress = progress or (lambda _msg: None)
 
     def run(self, model: ir.Model) -> Result:
+        if self.task_metric is not None:
+            for compression_pass in self.passes:
+                compression_pass.bind_task_metric(self.task_metric)
         # Copies: the caller's model is never mutated. "Before" numbers describe the model as
         # given; passes work on a copy whose Constant-node weights are initializers.
         original = io.load(model, lift_constants=False)
@@ -304,6 +307,7 @@ class Pipeline:
             gentler = candidate_pass.milder()
             if gentler is not None:  # a backed-off pass calibrates on the same data as the first
                 gentler.bind_data(candidate_pass.calibration)
+                gentler.bind_task_metric(candidate_pass.task_metric)
             candidate_pass = gentler
         return (
             model,

@@ -76,6 +76,9 @@ class CompressionPass(ir.passes.InPlacePass):
     # Passes that fit anything to activations say so; the API hands them calibration data.
     uses_data: bool = False
     calibration = None
+    # The gate's task metric (`--task-metric`), for passes that measure candidates themselves:
+    # ranking by fidelity while the gate judges by the task metric would pick the wrong ones.
+    task_metric = None
 
     def __init__(self, *, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
         self.include = tuple(include)
@@ -85,7 +88,9 @@ class CompressionPass(ir.passes.InPlacePass):
         """Constructor parameters, for the report and for replaying a run."""
         # The bound data is state, not a parameter (None would pass the plain-value test).
         out = {
-            k: v for k, v in vars(self).items() if not k.startswith("_") and k != "calibration" and _plain(v)
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k not in ("calibration", "task_metric") and _plain(v)
         }
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
@@ -102,6 +107,11 @@ class CompressionPass(ir.passes.InPlacePass):
         """Give the pass its calibration data (never the held-out evaluation data)."""
         if self.uses_data and self.calibration is None:
             self.calibration = calibration
+
+    def bind_task_metric(self, metric) -> None:
+        """Give the pass the task metric the gate judges by (a loaded `TaskMetric`)."""
+        if self.task_metric is None:
+            self.task_metric = metric
 
     def preflight(self, model: ir.Model) -> None:
         """Refuse the whole run up front (raise OnnxSlimError) when this pass cannot apply.

@@ -216,16 +216,17 @@ class _Bench:
     """Runs the model with some blocks switched off (their branch input replaced by a zero),
     without copying the model, and scores the outputs against the original's."""
 
-    def __init__(self, model: ir.Model, calibration, max_samples: int) -> None:
-        from onnxslim_tool.pipeline import Evaluation, covered_labels
+    def __init__(self, model: ir.Model, calibration, max_samples: int, task_metric=None) -> None:
+        from onnxslim_tool.pipeline import covered_labels
 
         self.model = model
+        self.task_metric = task_metric
         data = calibration.subset(max_samples) if len(calibration) > max_samples else calibration
         self.feeds = list(data.batches(BATCH))
         self.labels = covered_labels(data, BATCH)
         self.samples = int(self.labels.shape[0]) if self.labels is not None else len(data)
         outputs = runtime.run_feeds(runtime.make_session(model), self.feeds)
-        self.reference = Evaluation(outputs, metrics.task_accuracy(outputs, self.labels))
+        self.reference = self._evaluate(outputs, outputs)
         self._zeros: dict[str, ir.Value] = {}
 
     def shapes(self, values: Sequence[ir.Value]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -236,7 +237,7 @@ class _Bench:
 
     def measure(self, blocks: Sequence[Block], dtype: np.dtype) -> tuple[str, float, float]:
         """(metric, drop, min output cosine) with `blocks` switched off; inf drop when broken."""
-        from onnxslim_tool.pipeline import Evaluation, metric_drop
+        from onnxslim_tool.pipeline import metric_drop
 
         zero = self._zero(dtype)
         saved = [(b.node, b.branch_index, b.node.inputs[b.branch_index]) for b in blocks]
@@ -251,7 +252,7 @@ class _Bench:
                 node.replace_input_with(index, value)
         try:
             outputs = runtime.run_feeds(session, self.feeds)
-            candidate = Evaluation(outputs, metrics.task_accuracy(outputs, self.labels))
+            candidate = self._evaluate(outputs, self.reference.outputs)
             fidelity = candidate.fidelity_to(self.reference)
         except (OnnxSlimError, ValueError):
             return "failed", float("inf"), 0.0
@@ -259,6 +260,16 @@ class _Bench:
             return "non-finite outputs", float("inf"), 0.0
         drop, metric = metric_drop(self.reference, candidate)
         return metric, float(drop), min(f.cosine for f in fidelity)
+
+    def _evaluate(self, outputs, reference_outputs):
+        """Score as the gate does: the task metric when given, else labels, else fidelity."""
+        from onnxslim_tool.pipeline import Evaluation
+        from onnxslim_tool.task_metrics import score
+
+        if self.task_metric is not None:
+            value = score(self.task_metric, outputs, reference_outputs)
+            return Evaluation(outputs, value, self.task_metric.label)
+        return Evaluation(outputs, metrics.task_accuracy(outputs, self.labels))
 
     def _zero(self, dtype: np.dtype) -> ir.Value:
         key = np.dtype(dtype).str
@@ -355,7 +366,7 @@ class BlockDropping(CompressionPass):
             record.notes.append("no droppable residual block")
             self._dropped = 0
             return
-        bench = _Bench(model, self.calibration, self.max_samples)
+        bench = _Bench(model, self.calibration, self.max_samples, self.task_metric)
         try:
             blocks, dtype = self._shape_checked(bench, blocks, record)
             if not blocks:

@@ -229,3 +229,18 @@ def test_light_resnet50_blocks_found_dropped_and_valid():
     assert result.after.macs < result.before.macs
     outputs = runtime.run_model(result.model, held_out.batches(1))
     assert np.all(np.isfinite(next(iter(outputs.values()))))
+
+
+def test_blocks_are_ranked_by_the_gates_task_metric_when_one_is_given():
+    """The pass measures candidates with the same metric the gate judges by: a metric that
+    (perversely) rewards change makes the loud block look cheapest, so it is dropped."""
+
+    def rewards_change(outputs, reference):
+        return float(np.abs(outputs["y"] - reference["y"]).mean())
+
+    proto = _two_blocks()
+    dropping = BlockDropping(drop_blocks=1, joint=0)
+    result = _run(proto, [dropping], task_metric=rewards_change)
+    assert [c.layer for c in result.steps[0].record.changes] == ["block_b"]
+    assert [c.name for c in dropping.ranking] == ["block_b", "block_a"]
+    assert "task metric" in result.metric
