@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import onnx
@@ -11,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim_tool import api, cli
+from onnxslim_tool import api
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.graph_utils import const_array
@@ -20,6 +19,7 @@ from onnxslim_tool.pipeline import Pipeline
 from onnxslim_tool.recipe import Recipe, RecipeError
 from onnxslim_tool.sensitivity import scan
 from onnxslim_tool.task_metrics import decode, detection_f1, load_task_metric
+from tests.test_cli import run_cli
 
 CLASSES = 2
 # Four well-separated boxes (cx, cy, w, h), one per anchor, then two empty anchors.
@@ -241,15 +241,6 @@ def test_recipe_task_metric_validation():
         Recipe.from_dict({"passes": ["cleanup"], "task_metric": "map"})
 
 
-def _run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["onnxslim-tool", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-        sys.exit(0)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
-
-
 def _files(tmp_path):
     model = tmp_path / "det.onnx"
     onnx.save(_detector(), model)
@@ -264,7 +255,7 @@ def test_cli_bad_task_metric_is_one_line(monkeypatch, capsys, tmp_path):
         ("f1", "unknown task metric 'f1'; built-in: detection-f1"),
         ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
     ):
-        code, _, err = _run_cli(
+        code, _, err = run_cli(
             monkeypatch,
             capsys,
             "compress",
@@ -284,7 +275,7 @@ def test_cli_bad_task_metric_is_one_line(monkeypatch, capsys, tmp_path):
 def test_cli_task_metric_gates_and_reports(monkeypatch, capsys, tmp_path):
     model, data = _files(tmp_path)
     args = ("compress", model, "-o", tmp_path / "o.onnx", "--data", data, "--recipe", "lossless")
-    code, out, _ = _run_cli(monkeypatch, capsys, *args, "--task-metric", "detection-f1", "--json")
+    code, out, _ = run_cli(monkeypatch, capsys, *args, "--task-metric", "detection-f1", "--json")
     report = json.loads(out)
     assert code == 0 and report["metric"] == "task metric 'detection-f1'"
     assert report["accuracy_before"] == report["accuracy_after"] == 1.0
@@ -295,7 +286,7 @@ def test_cli_recipe_file_task_metric_is_applied(monkeypatch, capsys, tmp_path):
     model, data = _files(tmp_path)
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"passes": ["cleanup"], "task_metric": "detection-f1"}), encoding="utf-8")
-    code, out, _ = _run_cli(
+    code, out, _ = run_cli(
         monkeypatch, capsys, "compress", model, "-o", tmp_path / "o.onnx", "--data", data, "--recipe", recipe
     )
     assert code == 0 and "task metric 'detection-f1'" in out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,14 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim_tool import api, cli, io, runtime
+from onnxslim_tool import api, io, runtime
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import DataError
 from onnxslim_tool.passes.block_dropping import BlockDropping, find_blocks, macs_by_node
 from onnxslim_tool.passes.normalize import Cleanup
 from onnxslim_tool.recipe import Recipe, recipe_from_flags
 from onnxslim_tool.testing import light_models, with_random_weights
+from tests.test_cli import run_cli
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 TRANSFORMER = SAMPLES / "digits_transformer.onnx"
@@ -66,15 +66,6 @@ def _data(proto: onnx.ModelProto, n: int = 64, seed: int = 1) -> CalibrationData
 def _run(proto, passes, data=None, **kwargs):
     data = data or _data(proto)
     return api.compress(proto, data, passes=passes, eval_data=_data(proto, 32, seed=2), **kwargs)
-
-
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["onnxslim-tool", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-        sys.exit(0)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
 
 
 def _blocks(model: ir.Model):
@@ -189,7 +180,9 @@ def test_needs_data_and_validates_parameters(monkeypatch, capsys, tmp_path):
         api.compress(_two_blocks(), passes=[BlockDropping(drop_blocks=1)])
     src = tmp_path / "m.onnx"
     onnx.save(_two_blocks(), str(src))
-    code, _, err = _cli(monkeypatch, capsys, "compress", src, "-o", tmp_path / "o.onnx", "--drop-blocks", 1)
+    code, _, err = run_cli(
+        monkeypatch, capsys, "compress", src, "-o", tmp_path / "o.onnx", "--drop-blocks", 1
+    )
     assert code == 1
     assert "--data" in err and len(err.strip().splitlines()) == 1
 
@@ -203,7 +196,7 @@ def test_cli_and_recipe_build_the_pass(monkeypatch, capsys, tmp_path):
     onnx.save(_two_blocks(), str(src))
     np.savez(data, x=RNG.standard_normal((48, 8)).astype(np.float32))
     args = ["compress", src, "-o", tmp_path / "o.onnx", "--data", data, "--drop-blocks", "1", "--json"]
-    code, out, _ = _cli(monkeypatch, capsys, *args)
+    code, out, _ = run_cli(monkeypatch, capsys, *args)
     assert code == 0
     payload = json.loads(out)
     step = next(s for s in payload["steps"] if s["name"] == "block-dropping")
