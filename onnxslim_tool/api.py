@@ -102,20 +102,37 @@ def compress(
     for compression_pass in passes:
         compression_pass.preflight(loaded)
     calibration, evaluation = _split_data(loaded, data, eval_data, passes, input_shapes, seed)
+    result = _run_pipeline(
+        loaded, passes, calibration, evaluation, max_drop, input_shapes, progress, task_metric
+    )
+    _record_provenance(result.model, recipe, model)
+    if isinstance(model, (str, os.PathLike)):
+        result.before.bytes = io.file_size(model)  # what is on disk, not a re-serialization
+    return result
+
+
+def _run_pipeline(
+    loaded: ir.Model,
+    passes: Sequence[CompressionPass],
+    calibration: CalibrationData | None,
+    evaluation: CalibrationData,
+    max_drop: float | None,
+    input_shapes: dict[str, Sequence[int]] | None,
+    progress: ProgressFn | None,
+    task_metric: TaskMetricSpec | None,
+) -> Result:
+    """Bind the calibration data to the passes and run them through the gated pipeline."""
     for p in passes:
         p.bind_data(calibration)
-    result = Pipeline(
+    pipeline = Pipeline(
         passes,
         evaluation,
         max_drop=max_drop,
         input_shapes=input_shapes,
         progress=progress,
         task_metric=task_metric,
-    ).run(loaded)
-    _record_provenance(result.model, recipe, model)
-    if isinstance(model, (str, os.PathLike)):
-        result.before.bytes = io.file_size(model)  # what is on disk, not a re-serialization
-    return result
+    )
+    return pipeline.run(loaded)
 
 
 def _compress_to_target(
@@ -140,17 +157,9 @@ def _compress_to_target(
 
     def run(passes: list[CompressionPass]) -> Result:
         chosen_passes[:] = passes
-        for p in passes:
-            p.bind_data(calibration)
-        pipeline = Pipeline(
-            passes,
-            evaluation,
-            max_drop=max_drop,
-            input_shapes=input_shapes,
-            progress=progress,
-            task_metric=task_metric,
+        return _run_pipeline(
+            loaded, passes, calibration, evaluation, max_drop, input_shapes, progress, task_metric
         )
-        return pipeline.run(loaded)
 
     allocation, result = search(
         loaded,
