@@ -8,6 +8,15 @@ model's first dim is a static 1 the data may also be given as ``[N, 1, 3, 224, 2
 drops the extra axis. Rank-0 (scalar) model inputs take data of shape ``[N]`` and are fed one value
 per run.
 
+Whole feeds
+-----------
+Some models have no batch axis shared by all inputs: a recurrent state ``[2, batch, 128]`` beside an
+audio chunk ``[batch, 576]``, or node-level graphs with inputs ``[3, 4]`` and ``[4]``. Their data is
+given as N complete feeds stacked on a new axis 0: every array is ``[N, *model shape]`` (``[N, 1,
+576]``, ``[N, 2, 1, 128]``), and feed ``i`` is exactly ``{name: arr[i]}``. ``validate`` reads data
+this way when the arrays have one more axis than the model inputs and the per-sample reading above
+does not fit; such data is never re-batched.
+
 Batching
 --------
 ``validate`` learns ``fixed_batch`` from the model: the static first dim of its inputs (1 for a model
@@ -265,6 +274,13 @@ class CalibrationData:
         """
         specs = _as_specs(model_or_specs)
         self._check_names(specs)
+        if _reads_as_whole_feeds(specs, self.inputs):
+            inputs = {spec.name: _check_input(spec, self.inputs[spec.name], whole=True) for spec in specs}
+            if len(self) < min_samples:
+                raise DataError(f"data has {len(self)} feeds; at least {min_samples} are needed")
+            # Every array is fed one index at a time, exactly as stored.
+            every = frozenset(spec.name for spec in specs)
+            return dataclasses.replace(self, inputs=inputs, fixed_batch=None, unbatched_inputs=every)
         inputs = {spec.name: _check_input(spec, self.inputs[spec.name]) for spec in specs}
         fixed_batch = _fixed_batch(specs)
         needed = max(min_samples, fixed_batch or 0)
@@ -409,8 +425,27 @@ def _one_line(exc: BaseException) -> str:
 # ----- validation helpers -------------------------------------------------------------------------
 
 
-def _check_input(spec: InputSpec, arr: np.ndarray) -> np.ndarray:
-    arr = _check_shape(spec, arr)
+def _reads_as_whole_feeds(specs: Sequence[InputSpec], inputs: Mapping[str, np.ndarray]) -> bool:
+    """Every array is ``[N, *model shape]`` and the per-sample reading does not fit them all."""
+    ranked = [(spec, inputs[spec.name]) for spec in specs if spec.shape]
+    if not ranked:
+        return False  # scalars only (or unknown ranks): both readings are the same
+    fits = [a.ndim == len(spec.shape) + 1 and _dims_match(spec.shape, a.shape[1:]) for spec, a in ranked]
+    if not all(fits):
+        return False
+    return not all(_reads_as_samples(spec, arr) for spec, arr in ranked)
+
+
+def _reads_as_samples(spec: InputSpec, arr: np.ndarray) -> bool:
+    try:
+        _check_shape(spec, arr)
+    except DataError:
+        return False
+    return True
+
+
+def _check_input(spec: InputSpec, arr: np.ndarray, whole: bool = False) -> np.ndarray:
+    arr = _check_whole_shape(spec, arr) if whole else _check_shape(spec, arr)
     arr = _coerce_dtype(spec, arr)
     if _is_float(arr.dtype) and arr.size:
         bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
@@ -431,6 +466,15 @@ def _check_shape(spec: InputSpec, arr: np.ndarray) -> np.ndarray:
     raise DataError(
         f"input '{spec.name}': expected shape {_fmt_shape(want)} ({_dtype_name(spec.dtype)}), "
         f"got {_fmt_shape(arr.shape[1:])} ({_dtype_name(arr.dtype)})"
+    )
+
+
+def _check_whole_shape(spec: InputSpec, arr: np.ndarray) -> np.ndarray:
+    if spec.shape is None or _dims_match(spec.shape, arr.shape[1:]):
+        return arr
+    raise DataError(
+        f"input '{spec.name}': expected whole feeds of shape {_fmt_shape(spec.shape)} "
+        f"({_dtype_name(spec.dtype)}), got {_fmt_shape(arr.shape[1:])} ({_dtype_name(arr.dtype)})"
     )
 
 

@@ -52,11 +52,15 @@ def bypass(old: ir.Value, new: ir.Value) -> bool:
     """Make every consumer of `old` read `new`, keeping public output names intact.
 
     Returns False (and changes nothing) when `old` is a graph output and `new` cannot take
-    its name: `new` is itself a graph input, initializer or output.
+    its name: `new` is itself a graph input, initializer or output, or it comes from an
+    outer scope (onnxruntime refuses a subgraph that returns an outer value directly).
     """
     graph = old.graph
     if old.is_graph_output():
         if graph is None or new.is_graph_input() or new.is_graph_output() or new.is_initializer():
+            return False
+        producer = new.producer()
+        if producer is None or producer.graph is not graph:
             return False
         public_name, public_type, public_shape = old.name, old.type, old.shape
         old.name = None  # free the name before `new` takes it

@@ -392,3 +392,64 @@ def test_validate_accepts_specs_and_leaves_original_untouched():
     original = CalibrationData.from_arrays({"x": np.ones((2, 2), np.float64)})
     checked = original.validate(specs)
     assert checked.inputs["x"].dtype == np.float32 and original.inputs["x"].dtype == np.float64
+
+
+# ----- whole feeds -----------------------------------------------------------------------------------
+
+
+def _stateful_model() -> ir.Model:
+    """Inputs shaped like silero VAD's: no batch axis shared by all of them."""
+    return make_model(
+        ("chunk", TensorProto.FLOAT, ["", ""]),
+        ("state", TensorProto.FLOAT, [2, "", 4]),
+        ("sr", TensorProto.INT64, []),
+    )
+
+
+def test_whole_feeds_are_fed_exactly_as_stored():
+    model = _stateful_model()
+    rng = np.random.default_rng(0)
+    chunk = rng.standard_normal((5, 1, 6)).astype(np.float32)
+    state = rng.standard_normal((5, 2, 1, 4)).astype(np.float32)
+    sr = np.full(5, 16000, np.int64)
+    data = CalibrationData.from_arrays({"chunk": chunk, "state": state, "sr": sr}).validate(model)
+    assert len(data) == 5 and data.fixed_batch is None
+    feeds = data.feeds(batch_size=4)  # whole feeds are never re-batched
+    assert len(feeds) == 5
+    assert feeds[3]["state"].shape == (2, 1, 4) and feeds[3]["sr"].shape == ()
+    np.testing.assert_array_equal(feeds[3]["chunk"], chunk[3])
+    outputs = run_feeds(model, feeds)
+    np.testing.assert_array_equal(outputs[2][1], state[2])
+    first, second = data.split(0.6, seed=1)
+    assert len(first) + len(second) == 5 and len(second.feeds(8)) == len(second)
+
+
+def test_per_sample_reading_wins_when_it_fits():
+    # [N, 1, 3] for a [1, 3] model reads both ways; the per-sample reading (batch 1) is kept.
+    model = make_model(("x", TensorProto.FLOAT, [1, 3]))
+    data = CalibrationData.from_arrays({"x": np.ones((4, 1, 3), np.float32)}).validate(model)
+    assert data.inputs["x"].shape == (4, 3) and data.fixed_batch == 1
+
+
+def test_inputs_without_a_shared_batch_axis_read_as_one_feed():
+    # Node-test style: x [3, 4] and y [4] with no batch axis; one stacked feed works.
+    model = make_model(("x", TensorProto.FLOAT, [3, 4]), ("y", TensorProto.FLOAT, [4]))
+    x, y = np.ones((3, 4), np.float32), np.arange(4, dtype=np.float32)
+    with pytest.raises(DataError):
+        CalibrationData.from_arrays({"x": x, "y": y}).validate(model)
+    data = CalibrationData.from_arrays({"x": x[None], "y": y[None]}).validate(model)
+    [feed] = data.feeds()
+    assert feed["x"].shape == (3, 4) and feed["y"].shape == (4,)
+
+
+def test_mixed_layouts_are_refused_with_the_per_sample_message():
+    model = _stateful_model()
+    data = CalibrationData.from_arrays(
+        {
+            "chunk": np.zeros((3, 1, 6), np.float32),  # whole feed
+            "state": np.zeros((3, 2, 4), np.float32),  # one per-sample slice: ambiguous, refused
+            "sr": np.full(3, 16000, np.int64),
+        }
+    )
+    message = raises_one_line(data.validate, model)
+    assert "input 'chunk'" in message or "input 'state'" in message

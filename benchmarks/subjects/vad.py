@@ -81,16 +81,16 @@ def build(name: str, ctx: SetupContext) -> Subject:
 
 
 def _project_layout(path: Path, feeds: list[Feed]) -> Path:
-    """The calibration set as a user would write it for `--data`: one sample per chunk on axis 0.
+    """The calibration set as a user would write it for `--data`: the recorded feeds, whole.
 
-    silero's `state` is [2, batch, 128] (batch on axis 1) and `sr` a scalar; the project's data
-    layout assumes the batch on axis 0, so whatever the API makes of this file is what the
-    table reports for our recipes.
+    silero's `state` is [2, batch, 128] (batch on axis 1) beside `input` [batch, 576] and a
+    scalar `sr`: no axis is the batch of every input, so the feeds are stacked as they are
+    (the data layout's "whole feeds": [N, *model shape] per input).
     """
     np.savez(
         path,
-        input=np.concatenate([f["input"] for f in feeds]),  # [N, 576]
-        state=np.stack([f["state"][:, 0] for f in feeds]),  # [N, 2, 128]
+        input=np.stack([f["input"] for f in feeds]),  # [N, 1, 576]
+        state=np.stack([f["state"] for f in feeds]),  # [N, 2, 1, 128]
         sr=np.stack([f["sr"] for f in feeds]),  # [N]
     )
     return path
