@@ -30,7 +30,7 @@ from onnxslim_tool.quantization.formats import Context, Formats
 from onnxslim_tool.quantization.ort_backend import quiet
 from onnxslim_tool.quantization.prepare import prepare
 from onnxslim_tool.quantization.static import WEIGHTED_OPS, StaticOptions
-from onnxslim_tool.quantization.weight_only import WEIGHT_INPUT
+from onnxslim_tool.quantization.weight_only import RECURRENT_OPS, WEIGHT_INPUT
 
 MODES = ("int8", "int8-dynamic", "int8-weights", "int4-weights")
 CALIBRATORS = ("minmax", "entropy", "percentile")
@@ -255,7 +255,7 @@ def _has_float_constants(model: ir.Model) -> bool:
 def _record_layers(model: ir.Model, excluded: dict[str, str], record: PassRecord) -> None:
     """One change per layer now holding quantized weights; one skip per weighted layer left float."""
     others: Counter[str] = Counter()
-    for node in model.graph:
+    for node in (n for graph in model.graphs() for n in graph):
         kind = _quantized_kind(node)
         if kind:
             record.changed(node.name or node.op_type, node.op_type, kind)
@@ -273,7 +273,8 @@ def _quantized_kind(node: ir.Node) -> str | None:
         return "4-bit weights (MatMulNBits, block 32)"
     if node.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"):
         return "int8 weights, activations quantized at run time"
-    index = WEIGHT_INPUT.get(node.op_type)
+    # A recurrent layer's W (input 1) stands for its R, stored the same way.
+    index = 1 if node.op_type in RECURRENT_OPS else WEIGHT_INPUT.get(node.op_type)
     if index is None or len(node.inputs) <= index or node.inputs[index] is None:
         return None
     stored = _int8_storage(node.inputs[index])

@@ -25,6 +25,7 @@ from onnxslim_tool.quantization.weight_only import (
     FOLDED,
     WEIGHT_INPUT,
     quantize_layer_weights,
+    quantize_recurrent_weights,
     store_remaining_constants,
 )
 
@@ -109,12 +110,19 @@ class Formats:
     def weights_only(self, notes: list[str]) -> ir.Model:
         ctx = self.context
         model = io.load(ctx.float_model, lift_constants=False)
-        nodes = [n for n in model.graph if n.op_type in WEIGHT_INPUT and n.name not in ctx.excluded]
-        stored, skipped = quantize_layer_weights(
-            model.graph, nodes, per_channel=ctx.per_channel, form=WEIGHT_FORM
-        )
-        ctx.excluded.update(dict(skipped))
-        kept = store_remaining_constants(model.graph)
+        stored, kept = [], []
+        # Subgraphs too: exporters put whole networks inside If branches (silero VAD), where
+        # onnxruntime's quantizers never look; weight storage is local to each graph.
+        for graph in model.graphs():
+            nodes = [n for n in graph if n.op_type in WEIGHT_INPUT and n.name not in ctx.excluded]
+            done, skipped = quantize_layer_weights(
+                graph, nodes, per_channel=ctx.per_channel, form=WEIGHT_FORM
+            )
+            stored += done
+            ctx.excluded.update(dict(skipped))
+            stored += quantize_recurrent_weights(graph, per_channel=ctx.per_channel, excluded=ctx.excluded)
+        for graph in model.graphs():
+            kept += store_remaining_constants(graph)
         if stored:
             notes.append(
                 f"{len(stored)} weight(s) and {len(kept)} other float constant(s) (biases, norms) stored as "

@@ -22,6 +22,7 @@ DEQUANTIZE = "dequantize"
 FOLDED = "folded"
 # Position of the weight input per operator.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 # Below this many elements the scale and node cost more bytes than the rounding saves.
 MIN_ELEMENTS = 32
 # Remaining float constants are stored in int8 only when the rounding step stays this small
@@ -35,6 +36,9 @@ _VALUE_CONSUMERS = frozenset(
         "Einsum", "Where", "SkipLayerNormalization",
     }
 )  # fmt: skip
+# Ops that pass a float constant's values on unchanged in their data input (input 0): a recurrent
+# layer's weights sliced per gate inside a Loop or If body arrive at their MatMul this way.
+_DATA_MOVERS = frozenset({"Slice", "Split", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 
 
 @dataclass
@@ -84,6 +88,32 @@ def quantize_layer_weights(
             StoredWeight(node.name or "", node.op_type, weight.name or "", array.size, axis is not None)
         )
     return stored, skipped
+
+
+def quantize_recurrent_weights(
+    graph: ir.Graph, *, per_channel: bool, excluded: Iterable[str] = ()
+) -> list[StoredWeight]:
+    """Int8 storage, folded back to float at load, for the W and R inputs of LSTM/GRU/RNN.
+
+    Their weights are [directions, gates * hidden, inputs]: one scale per gate row. onnxruntime
+    has no int8 recurrent kernel, so only the file shrinks; the layer runs in float.
+    """
+    skip = set(excluded)
+    stored = []
+    for node in list(graph):
+        if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx") or node.name in skip:
+            continue
+        for index in (1, 2):
+            weight = node.inputs[index] if len(node.inputs) > index else None
+            if _unsuitable(weight) or len(weight.uses()) != 1:
+                continue
+            array = const_array(weight)
+            axis = 1 if per_channel and array.ndim == 3 else None
+            store_int8(graph, weight, array, axis, FOLDED)
+            stored.append(
+                StoredWeight(node.name or "", node.op_type, weight.name or "", array.size, axis is not None)
+            )
+    return stored
 
 
 def store_remaining_constants(graph: ir.Graph) -> list[str]:
@@ -200,7 +230,7 @@ def _read_as_values(value: ir.Value) -> bool:
     not as the scale of int8 storage made here."""
     uses = list(value.uses())
     return bool(uses) and all(
-        use.node.op_type in _VALUE_CONSUMERS
+        (use.node.op_type in _VALUE_CONSUMERS or (use.node.op_type in _DATA_MOVERS and use.idx == 0))
         and WEIGHT_INPUT.get(use.node.op_type) != use.idx
         and not _rescales_int8(use.node)
         for use in uses
