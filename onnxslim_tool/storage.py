@@ -13,7 +13,7 @@ each such weight in the cheapest of these exact encodings:
 
 Codes of all weights that share an encoding are concatenated into one stream (fewer nodes:
 the sample models are 60-90 KB, where every node counts). Standard ops expand the stream:
-BitShift/Mod (opset >= 11; integer Div/Mul/Sub before that), Cast, MatMul, CumSum for the
+Cast, integer Div and Mod (Div/Mul/Sub before opset 10), MatMul, CumSum for the
 masks (opset >= 11), Gather, Add, Split, Reshape. onnxruntime constant-folds all of them when
 it builds a session, so inference runs on ordinary dense float weights at the original
 speed. ONNX ``sparse_initializer`` is not used: onnx_ir drops it on load and the full
@@ -46,7 +46,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxslim_tool.graph_utils import attr
 
 MIN_OPSET = 7  # codes: Cast, Div/Mul/Sub on int32, MatMul, Gather, Reshape, Split
-SPARSE_MIN_OPSET = 11  # masks need CumSum; BitShift/Mod unpack codes in fewer nodes
+SPARSE_MIN_OPSET = 11  # masks need CumSum
 MAX_CODEBOOK = 256  # codes are at most 8 bits
 # Bytes a packed weight costs beyond its tensors (its Reshape/Gather nodes and shape constant):
 # packing a weight must beat its dense size by more than this.
@@ -55,7 +55,7 @@ PER_WEIGHT_OVERHEAD = 48
 # Ops of the expansion subgraphs `pack` writes; `unpack` evaluates only subgraphs made of them.
 EXPANSION_OPS = frozenset(
     {
-        "BitShift",
+        "BitShift",  # files written before the Div/Mod expansion
         "Mod",
         "Cast",
         "Reshape",
@@ -620,7 +620,7 @@ class _Writer:
         if key not in self._consts:
             name = self.name()
             value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(_dtype(array)))
-            value.const_value = ir.tensor(array, name=name)
+            value.const_value = compact_tensor(array, name)
             self.graph.register_initializer(value)
             self._consts[key] = value
         return self._consts[key]
@@ -656,22 +656,25 @@ class _Writer:
         else:
             shifts, modulus, rows = np.arange(8), 2, bits
         fields = self._fields(stream, shifts, modulus)
-        (flat,) = self.op("Reshape", [fields, self.const(np.array([rows, -1], dtype=np.int64))])
+        # The exact length, not -1: a varint -1 takes 10 bytes.
+        length = expanded_length(int(np.asarray(codes).size), bits)
+        (flat,) = self.op("Reshape", [fields, self.const(np.array([rows, length], dtype=np.int64))])
         if kind == "fields":
             return flat
         weights = self.const((1 << np.arange(bits, dtype=np.int32)).reshape(1, bits))
         return self.op("MatMul", [weights, flat])[0]
 
     def _fields(self, stream: ir.Value, shifts: np.ndarray, modulus: int) -> ir.Value:
-        """int32 (byte >> shift) % modulus for every byte and shift (broadcast on the last axis)."""
-        if self.opset >= SPARSE_MIN_OPSET:
-            (shifted,) = self.op("BitShift", [stream, self.const(shifts.astype(np.uint8))], direction="RIGHT")
-            (field,) = self.op("Mod", [shifted, self.const(np.array(modulus, dtype=np.uint8))])
-            return self.op("Cast", [field], to=int(ir.DataType.INT32))[0]
-        # Before opset 11 (no BitShift, Mod only from 10): integer Div, then x - m * (x / m).
+        """int32 (byte >> shift) % modulus for every byte and shift (broadcast on the last axis).
+
+        Cast, Div by 2^shift, Mod: 28 bytes fewer per stream than BitShift (its 'direction'
+        attribute) + Mod + Cast, and the same values. Before opset 10 (no Mod): x - m * (x / m).
+        """
         (wide,) = self.op("Cast", [stream], to=int(ir.DataType.INT32))
         (shifted,) = self.op("Div", [wide, self.const((1 << shifts).astype(np.int32))])
         m = self.const(np.array(modulus, dtype=np.int32))
+        if self.opset >= 10:
+            return self.op("Mod", [shifted, m])[0]
         (high,) = self.op("Div", [shifted, m])
         (scaled,) = self.op("Mul", [high, m])
         return self.op("Sub", [shifted, scaled])[0]
@@ -740,6 +743,23 @@ class _Writer:
         (index,) = self.op("Add", [codes, self.const(offsets.reshape(-1, 1))])
         (weight,) = self.op("Gather", [table, index])
         return weight if array.ndim == 2 else self.op("Reshape", [weight, self.const(shape)])[0]
+
+
+def compact_tensor(array: np.ndarray, name: str) -> ir.TensorProtocol:
+    """`array` as a tensor whose serialized form is the smaller of raw bytes and varints.
+
+    Shapes, split sizes and small integer constants take 1-2 bytes per entry as protobuf
+    varints (``int64_data``/``int32_data``) instead of 8 or 4 raw; the values are the same.
+    """
+    raw = ir.tensor(array, name=name)
+    if array.dtype not in (np.int32, np.int64) or array.size == 0:
+        return raw
+    proto = onnx.TensorProto(name=name, data_type=int(_dtype(array)), dims=list(array.shape))
+    field = proto.int64_data if array.dtype == np.int64 else proto.int32_data
+    field.extend(array.ravel().tolist())
+    if proto.ByteSize() >= numpy_helper.from_array(array, name).ByteSize():
+        return raw
+    return ir.TensorProtoTensor(proto)
 
 
 def _all_names(graph: ir.Graph) -> set[str]:

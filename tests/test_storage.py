@@ -219,7 +219,32 @@ def test_onnxruntime_folds_the_expansion_at_load(tmp_path) -> None:
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
-    assert ops.isdisjoint({"BitShift", "Mod", "CumSum", "Gather", "Split", "MatMul", "Reshape"})
+    assert ops.isdisjoint({"BitShift", "Div", "Mod", "CumSum", "Gather", "Split", "MatMul", "Reshape"})
+
+
+def test_integer_constants_are_written_as_varints_only_when_smaller() -> None:
+    shape = storage.compact_tensor(np.array([16, 16, 3, 3], dtype=np.int64), "s")
+    assert isinstance(shape, ir.TensorProtoTensor) and list(shape.raw.int64_data) == [16, 16, 3, 3]
+    np.testing.assert_array_equal(shape.numpy(), [16, 16, 3, 3])
+    wide = np.array([-1, 1 << 40], dtype=np.int64)  # 10 and 6 varint bytes: raw is smaller
+    assert not isinstance(storage.compact_tensor(wide, "w"), ir.TensorProtoTensor)
+    floats = np.ones(3, dtype=np.float32)
+    assert not isinstance(storage.compact_tensor(floats, "f"), ir.TensorProtoTensor)
+    model = _conv_gemm_model(_with_values((8, 4, 3, 3), 8, 0.5, seed=5), _with_values((5, 288), 16, seed=6))
+    _pack_all(model)
+    proto = ir.to_proto(model)
+    ints = [t for t in proto.graph.initializer if t.data_type in (TensorProto.INT64, TensorProto.INT32)]
+    assert ints and all(not t.raw_data for t in ints)
+    assert not any(n.op_type == "BitShift" for n in proto.graph.node)  # Cast/Div/Mod: no attribute
+
+
+def test_packed_streams_are_not_mistaken_for_quantized_weights() -> None:
+    from onnxslim_tool.quantization.detect import is_quantized
+
+    model = _conv_gemm_model(_with_values((8, 4, 3, 3), 8, 0.5, seed=5), _with_values((5, 288), 16, seed=6))
+    _pack_all(model)
+    assert any(n.op_type == "Cast" and n.inputs[0].is_initializer() for n in model.graph)  # uint8 -> int32
+    assert is_quantized(model) is None
 
 
 def test_unpack_restores_initializers_and_repacking_is_identical() -> None:

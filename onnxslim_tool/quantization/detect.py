@@ -48,7 +48,10 @@ def _casts_low_bit_weights(node: ir.Node) -> bool:
     if node.op_type != "Cast" or not node.inputs or node.inputs[0] is None:
         return False
     source = node.inputs[0]
-    return source.is_initializer() and source.dtype in _LOW_BIT_TYPES
+    to = node.attributes.get("to")
+    # A Cast to an integer type is unpacking (storage.py's code streams), not dequantization.
+    to_float = to is None or ir.DataType(to.as_int()).is_floating_point()
+    return to_float and source.is_initializer() and source.dtype in _LOW_BIT_TYPES
 
 
 def is_quantized(model: ir.Model) -> str | None:
