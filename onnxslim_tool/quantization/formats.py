@@ -26,6 +26,7 @@ from onnxslim_tool.quantization.weight_only import (
     WEIGHT_INPUT,
     quantize_layer_weights,
     quantize_recurrent_weights,
+    store_all_remaining_constants,
     store_remaining_constants,
 )
 
@@ -78,9 +79,16 @@ class Formats:
         outcome = self._static_flow(self.context.static_options)
         self.context.excluded.update(outcome.excluded)
         notes.extend(outcome.notes)
-        if outcome.score is not None:
+        model = outcome.model
+        before = len(notes)
+        self._weights_for_the_rest(
+            model, notes, "inside If/Loop bodies, which onnxruntime's quantizer skips", subgraphs_only=True
+        )
+        if len(notes) > before and self.context.holdout is not None:
+            notes.append(f"final int8 static model: held-out {self.score(model)}")
+        elif outcome.score is not None:
             notes.append(f"final int8 static model: held-out {outcome.score.describe()}")
-        return outcome.model
+        return model
 
     def _static_flow(self, options: StaticOptions) -> StaticOutcome:
         ctx = self.context
@@ -104,7 +112,7 @@ class Formats:
         self._weights_for_the_rest(
             quantized, notes, "onnxruntime's dynamic int8 convolution runs several times slower"
         )
-        store_remaining_constants(quantized.graph)
+        store_all_remaining_constants(quantized)
         return quantized
 
     def weights_only(self, notes: list[str]) -> ir.Model:
@@ -139,19 +147,26 @@ class Formats:
             notes.append(f"{converted} Gemm(s) rewritten as MatMul + Add for MatMulNBits")
         quantized = quantize_matmul_4bits(model, block_size=INT4_BLOCK, nodes_to_exclude=list(ctx.excluded))
         self._weights_for_the_rest(quantized, notes, "onnxruntime has no 4-bit kernel for them")
-        store_remaining_constants(quantized.graph)
+        store_all_remaining_constants(quantized)
         return quantized
 
-    def _weights_for_the_rest(self, model: ir.Model, notes: list[str], why: str) -> None:
-        """Weighted layers the main format left float get int8 weights (float compute)."""
+    def _weights_for_the_rest(
+        self, model: ir.Model, notes: list[str], why: str, *, subgraphs_only: bool = False
+    ) -> None:
+        """Weighted layers the main format left float get int8 weights (float compute).
+
+        onnxruntime's quantizers never enter If/Loop bodies, so layers there are always "the rest".
+        """
         ctx = self.context
-        rest = [n for n in model.graph if n.op_type in WEIGHTED_OPS and n.name not in ctx.excluded]
-        rest = [n for n in rest if _has_float_weight(n)]
-        if not rest:
-            return
-        stored, _skipped = quantize_layer_weights(
-            model.graph, rest, per_channel=ctx.per_channel, form=WEIGHT_FORM
-        )
+        stored = []
+        for graph in model.graphs():
+            if subgraphs_only and graph is model.graph:
+                continue
+            rest = [n for n in graph if n.op_type in WEIGHTED_OPS and n.name not in ctx.excluded]
+            rest = [n for n in rest if _has_float_weight(n)]
+            done, _ = quantize_layer_weights(graph, rest, per_channel=ctx.per_channel, form=WEIGHT_FORM)
+            stored += done
+            stored += quantize_recurrent_weights(graph, per_channel=ctx.per_channel, excluded=ctx.excluded)
         if stored:
             ops = ", ".join(f"{op} x{n}" for op, n in Counter(s.op_type for s in stored).items())
             notes.append(f"{ops}: int8 weights only, float compute ({why})")

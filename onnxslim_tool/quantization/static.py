@@ -24,7 +24,7 @@ from onnxslim_tool.quantization.calibration import Calibration, calibrate
 from onnxslim_tool.quantization.evaluation import Judge, Score
 from onnxslim_tool.quantization.ort_backend import StaticSettings, quantize_static_qdq, write_ranges
 from onnxslim_tool.quantization.probe import cpu_has_vnni, latencies
-from onnxslim_tool.quantization.weight_only import store_remaining_constants
+from onnxslim_tool.quantization.weight_only import store_all_remaining_constants
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # MatMul-heavy models (transformers, MLPs): quantize the matmuls' inputs and weights and keep
@@ -105,7 +105,7 @@ class StaticFlow:
             variant.path, variant.ranges_path, self.options.calibrator, settings, out
         )
         out.unlink(missing_ok=True)
-        store_remaining_constants(quantized.graph)
+        store_all_remaining_constants(quantized)
         return quantized
 
     # ----- the flow ----------------------------------------------------------------------------

@@ -116,6 +116,11 @@ def quantize_recurrent_weights(
     return stored
 
 
+def store_all_remaining_constants(model: ir.Model) -> list[str]:
+    """`store_remaining_constants` on the main graph and every subgraph."""
+    return [name for graph in model.graphs() for name in store_remaining_constants(graph)]
+
+
 def store_remaining_constants(graph: ir.Graph) -> list[str]:
     """Float constants nobody quantized (biases, norms, embeddings) stored as int8 when harmless.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_tool import api, io, runtime
@@ -81,12 +82,13 @@ def test_cleanup_keeps_an_identity_that_returns_an_outer_value(tmp_path):
     runtime.make_session(io.load(written))  # onnxruntime loads it
 
 
-def test_int8_weights_reach_recurrent_layers_inside_if_branches(tmp_path):
+@pytest.mark.parametrize("mode", ["int8-weights", "int8-dynamic", "int8"])
+def test_int8_weights_reach_recurrent_layers_inside_if_branches(mode, tmp_path):
     proto = _if_model(_branch("else", seed=2))
     source = tmp_path / "model.onnx"
     onnx.save(proto, str(source))
     data = _data(16, flag=True)
-    result = api.compress(source, data, passes=[Quantize("int8-weights")], eval_data=data)
+    result = api.compress(source, data, passes=[Quantize(mode)], eval_data=data)
     step = result.steps[0]
     assert step.status == "applied", step.reason
     assert {c.op_type for c in step.record.changes} == {"LSTM"}
