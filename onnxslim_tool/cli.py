@@ -533,6 +533,15 @@ def compress(
         str | None,
         typer.Option(help="Static int8 ranges: minmax, entropy or percentile.", rich_help_panel=_QUANT),
     ] = None,
+    speed_guard: Annotated[
+        bool,
+        typer.Option(
+            "--speed-guard",
+            help="If the latency probe measures the quantized model slower than fp32 on this CPU, "
+            "keep int8-weights instead (float speed, 4x smaller weights), or leave the model as it was.",
+            rich_help_panel=_QUANT,
+        ),
+    ] = False,
     max_drop: Annotated[
         float | None,
         typer.Option(
@@ -649,6 +658,7 @@ def compress(
             share_method=share_method,
             quantize=quantize,
             calibrator=calibrator,
+            speed_guard=speed_guard,
             max_drop=max_drop,
             exclude=exclude,
             seed=seed_option or 0,

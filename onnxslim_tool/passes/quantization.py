@@ -26,7 +26,7 @@ from onnxslim_tool.graph_utils import const_array
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
 from onnxslim_tool.quantization.compact import compact, restore_layer_names
 from onnxslim_tool.quantization.detect import is_quantized
-from onnxslim_tool.quantization.formats import Context, Formats
+from onnxslim_tool.quantization.formats import SLOWER_TOLERANCE, Context, Formats
 from onnxslim_tool.quantization.ort_backend import quiet
 from onnxslim_tool.quantization.prepare import prepare
 from onnxslim_tool.quantization.static import WEIGHTED_OPS, StaticOptions
@@ -60,6 +60,7 @@ class Quantize(CompressionPass):
         activation_type: str = "auto",
         exclude_ops: Sequence[str] = (),
         seed: int = 0,
+        speed_guard: bool = False,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
     ) -> None:
@@ -79,6 +80,7 @@ class Quantize(CompressionPass):
         self.activation_type = activation_type
         self.exclude_ops = tuple(exclude_ops)
         self.seed = seed
+        self.speed_guard = speed_guard
 
     def milder(self) -> Quantize | None:
         """Static with a tighter own budget, then weight-only int8; nothing gentler after that."""
@@ -92,7 +94,7 @@ class Quantize(CompressionPass):
     def _with(self, **changes) -> Quantize:
         params = {k: getattr(self, k) for k in ("mode", "calibrator", "per_channel", "bias_correction")}
         params |= {k: getattr(self, k) for k in ("equalize", "smoothquant", "max_drop", "activation_type")}
-        params |= {"exclude_ops": self.exclude_ops, "seed": self.seed}
+        params |= {"exclude_ops": self.exclude_ops, "seed": self.seed, "speed_guard": self.speed_guard}
         milder = Quantize(**(params | changes), include=self.include, exclude=self.exclude)
         milder.calibration = self.calibration
         return milder
@@ -137,6 +139,10 @@ class Quantize(CompressionPass):
             if mode != "int8" and holdout is not None:
                 record.notes.append(f"{mode}: held-out {formats.score(result)}")
             record.notes.extend(formats.latency_report(mode, result))
+            if self.speed_guard:
+                result = _guard_speed(formats, mode, result, record)
+                if result is None:
+                    return
             original_names = {node.name for node in prepared.model.graph if node.name}
             restore_layer_names(result, original_names)
             _record_layers(result, formats.context.excluded, record)
@@ -228,6 +234,26 @@ class _CodedWeights:
             if value.const_value is not None and _digest(value.const_value.numpy()) in self.digests
         ]
         storage.pack(model, again)
+
+
+def _guard_speed(formats: Formats, mode: str, result: ir.Model, record: PassRecord) -> ir.Model | None:
+    """With speed_guard, a format measured slower than fp32 gives way to int8-weights (float
+    speed by construction: onnxruntime folds the weights back at load), or to no change."""
+    ratios = formats.first_batch_ratios
+    ratio = ratios.get(mode)
+    if mode == "int8-weights" or ratio is None or ratio <= SLOWER_TOLERANCE:
+        return result
+    fallback = ratios.get("int8-weights")
+    if fallback is not None and fallback <= SLOWER_TOLERANCE:
+        record.notes.append(
+            f"speed guard: {mode} ran {ratio:.2f}x of fp32 in the probe, int8-weights {fallback:.2f}x; "
+            "kept int8-weights (4x smaller weights, float speed)"
+        )
+        return formats.weights_only(record.notes)
+    why = f"speed guard: {mode} ran {ratio:.2f}x of fp32 and no int8 format was as fast; model left as it was"
+    record.notes.append(why)
+    record.skip("model", why)
+    return None
 
 
 def _coded_weights(model: ir.Model) -> _CodedWeights:

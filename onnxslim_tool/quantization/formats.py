@@ -63,6 +63,8 @@ class Formats:
     def __init__(self, context: Context) -> None:
         self.context = context
         self._count = 0
+        # Latency over fp32's per format, at the first probe batch; set by latency_report.
+        self.first_batch_ratios: dict[str, float] = {}
 
     # ----- the formats -------------------------------------------------------------------------
 
@@ -190,6 +192,7 @@ class Formats:
         for batch, feed in feeds:
             timed = latencies(candidates, feed)
             ratios = {name: ms / timed["fp32"] for name, ms in timed.items()}
+            self.first_batch_ratios = self.first_batch_ratios or ratios
             listed = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
             lines.append(
                 f"latency vs fp32 at batch {batch} (onnxruntime CPU, 1 thread, fp32 {timed['fp32']:.3g} ms): "
