@@ -169,12 +169,29 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def _target(size: str | None, latency: float | None) -> Target | None:
-    if size is not None and latency is not None:
-        raise OnnxSlimError("give one of --target-size and --target-latency")
+def _target(size: str | None, latency: float | None, macs: float | None = None) -> Target | None:
+    given = [name for name, v in (("size", size), ("latency", latency), ("macs", macs)) if v is not None]
+    if len(given) > 1:
+        raise OnnxSlimError(f"give one target, not {' and '.join('--target-' + g for g in given)}")
     if size is not None:
         return Target("size", parse_size(size))
+    if macs is not None:
+        return Target("macs", macs)
     return Target("latency", latency) if latency is not None else None
+
+
+def _allocation_line(target: Target, allocation: dict[str, Any]) -> str:
+    """One line: the target, where the allocation across layers and methods got, met or not."""
+    reached = allocation["reached"]
+    if reached is None:
+        shown = "?"
+    else:
+        shown = f"{int(reached):,} bytes" if target.kind == "size" else f"{reached:.1%}"
+    methods = sorted({option["method"] for option in allocation["chosen"]})
+    return (
+        f"{target.describe()} {'met' if allocation['met'] else 'NOT met'}: reached {shown}, "
+        f"allocation over {len(allocation['chosen'])} layer(s) ({', '.join(methods) or 'none'})"
+    )
 
 
 def parse_layer_ratios(specs: list[str] | None) -> dict[str, float] | None:
@@ -382,7 +399,11 @@ def compress(
         float | None,
         typer.Option(
             "--target-macs",
-            help="Prune until MACs are at most this fraction of the original.",
+            help="Alone (no other method or pruning flag): search per-layer methods and settings "
+            "(channel pruning, low rank; measured sensitivity) until MACs are at most this fraction "
+            "of the original, e.g. 0.7, like --target-size. With --prune-channels, --criterion, "
+            "--round-to, --layer-ratio, --prune-ends, --no-reconstruct or another method flag: "
+            "channel pruning alone removes channels until MACs are at most this fraction.",
             rich_help_panel=_PRUNE,
         ),
     ] = None,
@@ -411,8 +432,9 @@ def compress(
         str | None,
         typer.Option(
             "--target-size",
-            help="Search per-layer methods and settings (measured sensitivity) until the "
-            "model is at most this size: bytes, or with kB/MB/GB, e.g. 2MB.",
+            help="Search per-layer methods and settings (weight sharing, channel pruning, low rank; "
+            "measured sensitivity) until the model is at most this size: bytes, or with kB/MB/GB, "
+            "e.g. 2MB. Exit code 2 when the target is out of reach.",
             rich_help_panel=_BUDGET,
         ),
     ] = None,
@@ -429,6 +451,14 @@ def compress(
         int,
         typer.Option("--jobs", help="Parallel evaluations (joblib) for target searches; -1 = all cores."),
     ] = 1,
+    target_layers: Annotated[
+        int,
+        typer.Option(
+            "--target-layers",
+            help="Target searches measure this many layers, those with the most MACs (fewer: faster).",
+            rich_help_panel=_BUDGET,
+        ),
+    ] = 24,
     layer_ratio: Annotated[
         list[str] | None,
         typer.Option(
@@ -605,8 +635,8 @@ def compress(
     io.check_writable(output)  # fail before the work, not after it
     if task_metric is not None:
         load_task_metric(task_metric)  # a bad spec: one line naming it, before anything else
-    method_flags = (prune_channels, target_macs, layer_ratio, lowrank, energy, lowrank_rank)
-    method_flags += (
+    other_methods = (prune_channels, layer_ratio, lowrank, energy, lowrank_rank)
+    other_methods += (
         prune_weights,
         share_bits,
         share_method,
@@ -615,12 +645,30 @@ def compress(
         drop_blocks_macs,
         merge_layers or None,
     )
-    target = _target(target_size, target_latency)
+    method_flags = (target_macs, *other_methods)
+    # --target-macs alone is a target for the cross-method search; beside any pruning or
+    # method flag it stays channel pruning's own MACs goal (recipes and scripts rely on that).
+    pruning_options = (criterion, round_to, no_reconstruct or None, prune_ends or None)
+    macs_alone = (
+        target_macs is not None
+        and recipe_name is None
+        and all(f is None for f in (*other_methods, *pruning_options))
+    )
+    target = _target(target_size, target_latency, target_macs if macs_alone else None)
     if recipe_name is not None and any(f is not None for f in method_flags):
         raise OnnxSlimError("give either --recipe or method flags (put the methods in the recipe)")
-    if target is not None and (recipe_name is not None or any(f is not None for f in method_flags)):
+    if (
+        target is not None
+        and not macs_alone
+        and (recipe_name is not None or any(f is not None for f in method_flags))
+    ):
         raise OnnxSlimError(
             "--target-size/--target-latency choose the methods themselves: drop the method flags"
+        )
+    if macs_alone and not quiet:
+        err.print(
+            "--target-macs alone: searching channel pruning and low rank per layer for the target "
+            "(with --criterion or another pruning flag it is channel pruning's own goal)"
         )
     if target is None and recipe_name is None and data is not None and all(f is None for f in method_flags):
         recipe_name = DEFAULT_WITH_DATA
@@ -693,6 +741,7 @@ def compress(
             max_drop=max_drop if target is not None else None,
             seed=seed,
             n_jobs=jobs,
+            target_layers=target_layers,
             task_metric=chosen.task_metric,
         )
     target_missed = result.allocation is not None and not result.allocation["met"]
@@ -713,6 +762,7 @@ def compress(
         if result.allocation is not None:
             for note in result.allocation["notes"]:
                 out.print(f"target search: {note}")
+            out.print(f"target search: {_allocation_line(target, result.allocation)}")  # type: ignore[arg-type]
         if written:
             out.print(f"wrote {written}")
     if target_missed:
