@@ -606,8 +606,11 @@ class _Writer:
 
     # -- naming and constants --
     def name(self) -> str:
+        # '_0'..'_Z', '_00'..: short (a pass that packs after the final renaming, as the
+        # quantizer storing codes again does, leaves them as they are) and never one of the
+        # [0-9a-zA-Z]+ names `shorten_names` renames to, one by one, afterwards.
         while True:
-            candidate = f"k{_base36(self._counter)}"
+            candidate = "_" + _base62(self._counter)
             self._counter += 1
             if candidate not in self._taken:
                 self._taken.add(candidate)
@@ -772,14 +775,20 @@ def _all_names(graph: ir.Graph) -> set[str]:
     return names
 
 
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+_NAME_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _base62(number: int) -> str:
+    """The number-th name in shortlex order: '0'..'Z', '00'..'ZZ', '000'..."""
+    base, length = len(_NAME_CHARS), 1
+    while number >= base**length:
+        number -= base**length
+        length += 1
     text = ""
-    while True:
-        number, rest = divmod(number, 36)
-        text = digits[rest] + text
-        if number == 0:
-            return text
+    for _ in range(length):
+        number, rest = divmod(number, base)
+        text = _NAME_CHARS[rest] + text
+    return text
 
 
 def shorten_names(model: ir.Model) -> None:

@@ -25,10 +25,11 @@ save file bytes exactly like k-means codes and run at fp32 speed here; the pass 
   2^(B-1) - 1 exponents below the layer's largest weight, so a multiply becomes a shift;
   B-bit codes. The values are fixed powers of two: no refit.
 
-With ``refit=True`` and calibration data, the shared values are then refit by least
-squares so that each layer's output on calibration activations matches the original
-layer's output (the post-training stand-in for Deep Compression's retraining of the
-centroids). Codes stay fixed; only the 2^B values per table move.
+With calibration data (``refit=None``, the default, or ``True``; ``False`` turns it off),
+the shared values are then refit by least squares so that each layer's output on
+calibration activations matches the original layer's output (the post-training stand-in
+for Deep Compression's retraining of the centroids). Codes stay fixed; only the 2^B values
+per table move.
 
 Storage is `onnxslim_tool.storage`: codes packed at B bits plus the codebook, expanded
 in-graph and constant-folded by onnxruntime at load, so the file shrinks by about 32/B on
@@ -68,7 +69,7 @@ class WeightSharing(CompressionPass):
         method: str = "kmeans",
         per_channel: bool = False,
         init: str = "linear",
-        refit: bool = False,
+        refit: bool | None = None,
         min_params: int = 256,
         seed: int = 0,
         include=(),
@@ -91,13 +92,13 @@ class WeightSharing(CompressionPass):
         self.method = method
         self.per_channel = bool(per_channel)
         self.init = init
-        self.refit = bool(refit)
+        self.refit = None if refit is None else bool(refit)  # None: refit when data is given
         self.min_params = int(min_params)
         self.seed = int(seed)
 
     @property
     def uses_data(self) -> bool:  # type: ignore[override]
-        return self.refit
+        return self.refit is not False
 
     def milder(self) -> WeightSharing | None:
         if self.bits >= 8 or self.method == "ternary":  # ternary has no milder form of its own
@@ -122,7 +123,7 @@ class WeightSharing(CompressionPass):
         tables = self._share(targets)
         if self.refit and self.method == "pow2":
             record.notes.append("refit skipped: power-of-two values are fixed by construction")
-        elif self.refit:
+        elif self.refit is not False and self.method != "pow2":
             self._refit(model, targets, tables, record)
         if self.method in ("ternary", "pow2"):
             record.notes.append(
@@ -176,7 +177,8 @@ class WeightSharing(CompressionPass):
 
     def _refit(self, model, targets, tables, record: PassRecord) -> None:
         if self.calibration is None:
-            record.notes.append("refit asked for but no calibration data was given: values are data-free")
+            if self.refit:
+                record.notes.append("refit asked for but no calibration data was given: values are data-free")
             return
         record.notes.extend(refit_tables(model, self.calibration, targets, tables, seed=self.seed))
 

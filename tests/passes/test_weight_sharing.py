@@ -169,6 +169,18 @@ def test_refit_lowers_the_output_error_on_calibration_data() -> None:
     assert any(n.startswith("refit fc1") for n in record.notes)
 
 
+def test_refit_by_default_when_data_is_given_and_silently_not_without() -> None:
+    default = WeightSharing(2, min_params=1)
+    assert default.refit is None and default.uses_data
+    assert not WeightSharing(2, refit=False).uses_data
+    with_data = _apply(WeightSharing(2, min_params=1), _mlp(), _data())
+    assert any(n.startswith("refit fc1") for n in with_data.notes)
+    without = _apply(WeightSharing(2, min_params=1), _mlp())
+    assert not any("refit" in n for n in without.notes)
+    off = _apply(WeightSharing(2, refit=False, min_params=1), _mlp(), _data())
+    assert not any("refit" in n for n in off.notes)
+
+
 def test_refit_without_data_says_so() -> None:
     record = _apply(WeightSharing(4, refit=True, min_params=1), _mlp())
     assert any("no calibration data" in n for n in record.notes)
