@@ -110,6 +110,10 @@ class Quantize(CompressionPass):
         refusal = is_quantized(model)
         if refusal:
             raise PassError(refusal)
+        if not _has_float_constants(model):
+            # Checked first as well: preparing (opset upgrades) can fail on graphs with nothing to do.
+            record.skip(model.graph.name or "model", NOTHING_TO_QUANTIZE)
+            return
         coded = _coded_weights(model)
         with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as tmp, quiet():
             workdir = Path(tmp)
