@@ -206,6 +206,8 @@ def _measure(
     try:
         compression = cls(**params, seed=seed) if "seed" in init_params(cls) else cls(**params)
         compression.bind_data(calibration)
+        # A pass that measures candidates itself (quantize's repairs) judges by the same metric.
+        compression.bind_task_metric(judge.task_metric)
         result = compression(model)
         if not getattr(result, "modified", True):
             return Point(value, 0.0, "unchanged", error="pass changed nothing on this layer")

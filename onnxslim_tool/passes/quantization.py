@@ -168,6 +168,7 @@ class Quantize(CompressionPass):
             smoothquant=self.smoothquant,
             max_drop=self.max_drop,
             activation_type=self.activation_type,
+            task_metric=self.task_metric,
         )
 
     # ----- data and exclusions -----------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 Every decision the quantization pass makes (activation type, each repair, which layers stay
 float) is taken on these numbers: the relative output error (continuous, stable on few
-samples) and the task metric the pipeline's budget uses (accuracy with labels, else top-1
-agreement, else cosine).
+samples) and the metric the pipeline's budget uses: the bound task metric (`--task-metric`,
+scored against the float model's outputs as the pipeline scores against the original's), else
+accuracy with labels, else top-1 agreement, else cosine.
+
+With a task metric, that metric decides and the output error only breaks ties: on a detector
+an output cosine of 0.999 can hide a detection F1 of 0.67, so fidelity alone picks wrongly.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ import onnx_ir as ir
 
 from onnxslim_tool import metrics, runtime
 from onnxslim_tool.data import CalibrationData
+from onnxslim_tool.task_metrics import TaskMetric, load_task_metric
+from onnxslim_tool.task_metrics import score as task_score
 
 EVAL_BATCH = 64
+# Task metric values closer than this are a tie (float noise in a metric's arithmetic).
+METRIC_TIE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -32,10 +40,18 @@ class Score:
 class Judge:
     """Scores candidates against the float reference on one fixed set of samples."""
 
-    def __init__(self, reference: ir.Model, data: CalibrationData) -> None:
+    def __init__(
+        self, reference: ir.Model, data: CalibrationData, task_metric: TaskMetric | str | None = None
+    ) -> None:
         self.data = data
         self.reference = self._outputs(reference)
         self.labels = _covered_labels(data)
+        self.task_metric = load_task_metric(task_metric) if task_metric is not None else None
+        if self.task_metric is not None:
+            # The float model scored against itself, as the pipeline scores the original.
+            self.metric_name = self.task_metric.label
+            self.reference_metric = task_score(self.task_metric, self.reference, self.reference)
+            return
         accuracy = metrics.task_accuracy(self.reference, self.labels)
         self.metric_name = "accuracy" if accuracy is not None else self._fallback_metric_name()
         self.reference_metric = accuracy if accuracy is not None else 1.0
@@ -49,7 +65,17 @@ class Judge:
         """How much the budgeted metric fell compared with the float model."""
         return self.reference_metric - score.metric
 
+    def better(self, new: Score, old: Score) -> bool:
+        """Whether `new` beats `old`. With a task metric: the higher metric, the lower output
+        error on a tie. Without: the lower output error (continuous, stable on few samples,
+        where accuracy or agreement on a few held-out samples mostly ties)."""
+        if self.task_metric is not None and abs(new.metric - old.metric) > METRIC_TIE:
+            return new.metric > old.metric
+        return new.rel_error < old.rel_error
+
     def _metric(self, outputs: dict[str, np.ndarray]) -> float:
+        if self.task_metric is not None:
+            return task_score(self.task_metric, outputs, self.reference)
         if self.metric_name == "accuracy":
             return float(metrics.task_accuracy(outputs, self.labels))
         fidelity = metrics.compare_outputs(self.reference, outputs)

@@ -179,7 +179,7 @@ class Formats:
         ctx = self.context
         if ctx.holdout is None:
             return None
-        return Judge(ctx.float_model, ctx.holdout).score(model).describe()
+        return Judge(ctx.float_model, ctx.holdout, ctx.static_options.task_metric).score(model).describe()
 
     def latency_report(self, mode: str, result: ir.Model) -> list[str]:
         """Ratios to fp32 of the result and of the other formats; SLOWER lines when it is."""

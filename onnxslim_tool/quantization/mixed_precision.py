@@ -2,6 +2,8 @@
 
 Each candidate layer is quantized *alone* and scored on held-out samples; layers are ranked
 by that cost (metric drop first, output error to break the many ties small data sets give).
+The metric is the Judge's: the bound task metric when there is one, so the layers kept float
+are those the task needs, not those whose outputs merely look most changed.
 Then the worst are kept float, one more at a time, until the fully quantized rest meets the
 budget. Every number is kept so the report can say why a layer stayed float.
 """

@@ -3,7 +3,8 @@
 The flow, each step measured on held-out calibration samples against the float model:
 calibrate once per float variant (ranges cached), pick the activation type by a latency
 probe, try cross-layer equalization, SmoothQuant and bias correction (each kept only when it
-lowers the output error), then keep the most sensitive layers float until the budget holds.
+lowers the output error, or with a task metric bound, when it raises that metric or ties it
+with a lower error), then keep the most sensitive layers float until the budget holds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from onnxslim_tool.quantization.evaluation import Judge, Score
 from onnxslim_tool.quantization.ort_backend import StaticSettings, quantize_static_qdq, write_ranges
 from onnxslim_tool.quantization.probe import cpu_has_vnni, latencies
 from onnxslim_tool.quantization.weight_only import store_all_remaining_constants
+from onnxslim_tool.task_metrics import TaskMetric
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # MatMul-heavy models (transformers, MLPs): quantize the matmuls' inputs and weights and keep
@@ -45,6 +47,8 @@ class StaticOptions:
     max_drop: float | None = None
     activation_type: str = "auto"
     excluded: dict[str, str] = field(default_factory=dict)  # node name -> reason kept float
+    # The pipeline's task metric: every decision below is judged by it when set.
+    task_metric: TaskMetric | None = None
 
 
 @dataclass
@@ -83,7 +87,7 @@ class StaticFlow:
         self.workdir = workdir
         self.notes: list[str] = []
         self.excluded = dict(options.excluded)
-        self.judge = Judge(float_model, holdout)
+        self.judge = Judge(float_model, holdout, options.task_metric)
         self._count = 0
 
     # ----- building blocks ---------------------------------------------------------------------
@@ -113,6 +117,11 @@ class StaticFlow:
     def run(self) -> StaticOutcome:
         best = self.variant(self.float_model, "float")
         self.notes.append(best.calibration.describe())
+        if self.judge.task_metric is not None:
+            self.notes.append(
+                f"decisions judged by {self.judge.metric_name} against the float model "
+                "(held-out output error breaks ties)"
+            )
         settings = self.initial_settings(best)
         settings = self.choose_activation_type(best, settings)
         score = self.judge.score(self.quantize(best, settings))
@@ -176,6 +185,15 @@ class StaticFlow:
             + ", ".join(f"{name} {ms:.3f} ms" for name, ms in timed.items())
             + f" -> {chosen}"
         )
+        if chosen == "int8" and self.judge.task_metric is not None:
+            # Speed must not cost the task: int8 only when the task metric holds up as well.
+            scores = {kind: self.judge.score(model) for kind, model in candidates.items()}
+            if scores["int8"].metric < scores["uint8"].metric:
+                chosen = "uint8"
+                self.notes.append(
+                    f"int8 activations score lower on {self.judge.metric_name} "
+                    f"({scores['int8'].metric:.4f} vs uint8 {scores['uint8'].metric:.4f}): uint8 kept"
+                )
         return replace(settings, activation_type=chosen)
 
     def try_equalization(
@@ -229,7 +247,7 @@ class StaticFlow:
         score: Score,
     ) -> tuple[Variant, Score]:
         new = self.judge.score(self.quantize(candidate, settings))
-        kept = new.rel_error < score.rel_error
+        kept = self.judge.better(new, score)
         self.notes.append(
             f"{repair} ({what}): held-out output error {score.rel_error:.4f} -> {new.rel_error:.4f}, "
             f"{score.metric_name} {score.metric:.4f} -> {new.metric:.4f}: "
