@@ -191,7 +191,10 @@ def _record_provenance(model: ir.Model, recipe: Recipe, source) -> None:
     """Enough in the output's metadata to reproduce it: recipe, seed, tool version, input hash."""
     props = model.metadata_props
     props["onnxslim_tool.version"] = __version__
-    props["onnxslim_tool.recipe"] = json.dumps(recipe.to_dict(), sort_keys=True, default=str)
+    # No spaces after separators: still one readable JSON line, ~10% fewer bytes (tiny models).
+    props["onnxslim_tool.recipe"] = json.dumps(
+        recipe.to_dict(), sort_keys=True, default=str, separators=(",", ":")
+    )
     props["onnxslim_tool.seed"] = str(recipe.seed)
     if isinstance(source, (str, os.PathLike)):
         props["onnxslim_tool.input_sha256"] = io.file_sha256(source)
