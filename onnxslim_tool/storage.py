@@ -815,6 +815,61 @@ def compacted_size(model: ir.Model) -> int:
     return io.serialized_size(copy)
 
 
+# ----- float16 vectors (biases) -------------------------------------------------------------------
+
+HALF_MAX = 65504.0  # largest finite float16
+# Serialized bytes, measured on onnx protos with 1-2 character names: an initializer's own
+# framing (name, dims, type, tags), and the Cast + Split + split sizes that expand the
+# float16 vector (the Split's per-output bytes included).
+_INITIALIZER_BYTES = 12
+_HALF_FIXED_BYTES = 70  # rounded up: the decision must never make a file larger
+_HALF_PER_PIECE_BYTES = 9
+
+
+def half_bytes_saved(sizes: Sequence[int]) -> int:
+    """Bytes that storing float32 vectors of these sizes as one float16 tensor saves (<= 0: none)."""
+    dense = sum(4 * n + _INITIALIZER_BYTES for n in sizes)
+    half = 2 * sum(sizes) + _HALF_FIXED_BYTES + _HALF_PER_PIECE_BYTES * len(sizes)
+    return dense - half
+
+
+def pack_half(model: ir.Model, values: Iterable[ir.Value]) -> list[ir.Value]:
+    """Store float32 1-D initializers (layer biases) as one float16 tensor, Cast and Split in-graph.
+
+    Lossy: each value is rounded to float16 (relative error <= 2^-11, absolute below 6e-8
+    for subnormals), so callers put it behind an accuracy check. Values that are graph
+    inputs/outputs, not float32 1-D, or outside float16's range stay as they are, and so does
+    everything when the float16 form would not be smaller. Returns the values replaced.
+    """
+    chosen = []
+    for value in _unique(values):
+        array = value.const_value.numpy() if value.const_value is not None else None
+        if (
+            array is None
+            or not value.is_initializer()
+            or value.is_graph_input()
+            or value.is_graph_output()
+            or array.dtype != np.float32
+            or array.ndim != 1
+            or array.size == 0
+            or not np.isfinite(array).all()
+            or float(np.abs(array).max()) > HALF_MAX
+        ):
+            continue
+        chosen.append((value, array))
+    if half_bytes_saved([a.size for _, a in chosen]) <= 0 or _opset(model) is None:
+        return []
+    writer = _Writer(model.graph, _opset(model))
+    stored = writer.const(np.concatenate([a for _, a in chosen]).astype(np.float16))
+    (wide,) = writer.op("Cast", [stored], to=int(ir.DataType.FLOAT))
+    sizes = [a.size for _, a in chosen]
+    pieces = writer.split(wide, sizes, 0, padded=sum(sizes))
+    for (value, _), piece in zip(chosen, pieces, strict=True):
+        _swap_in(model.graph, value, piece)
+    writer.commit()
+    return [v for v, _ in chosen]
+
+
 # ----- hashed weights (Chen et al. 2015) --------------------------------------------------------
 
 HASH_PRIME = 2_147_483_647  # 2**31 - 1: a*i stays below 2**62 for every index of a < 2**31-element stream

@@ -316,3 +316,53 @@ def test_unpack_leaves_foreign_constant_subgraphs_alone() -> None:
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     assert storage.unpack(model) == []
     assert [n.op_type for n in model.graph] == ["Cast", "MatMul"]
+
+
+# ----- float16 biases ------------------------------------------------------------------------------
+
+
+def _biased_convs(biases: list[np.ndarray]) -> ir.Model:
+    """x[N,4,5,5] -> one 1x1 Conv per bias (4 -> len(bias) channels), each a graph output."""
+    rng = np.random.default_rng(3)
+    nodes, inits, outputs = [], [], []
+    for i, bias in enumerate(biases):
+        weight = rng.standard_normal((bias.size, 4, 1, 1)).astype(np.float32)
+        inits += [numpy_helper.from_array(weight, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+        nodes.append(helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"y{i}"], name=f"conv{i}"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["N", bias.size, 5, 5]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])], outputs, inits
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def test_half_biases_expand_to_the_float16_rounding_and_shrink_the_file() -> None:
+    biases = [RNG.standard_normal(n).astype(np.float32) * 3 for n in (16, 32, 10)]
+    model = _biased_convs(biases)
+    before = io.serialized_size(model)
+    values = [model.graph.initializers[f"b{i}"] for i in range(3)]
+    assert storage.pack_half(model, values) == values
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert io.serialized_size(model) < before
+    assert before - io.serialized_size(model) >= storage.half_bytes_saved([16, 32, 10]) - 8  # estimate ~ real
+    halves = [t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert len(halves) == 1 and not any(f"b{i}" in model.graph.initializers for i in range(3))
+    feed = {"x": RNG.standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    zero = {"x": np.zeros((1, 4, 5, 5), np.float32)}  # a 1x1 Conv of zeros is its bias
+    outputs = runtime.run_model(model, [zero])
+    for i, bias in enumerate(biases):
+        expected = bias.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(outputs[f"y{i}"][0, :, 0, 0], expected)
+    assert runtime.run_model(model, [feed])  # and it runs on real inputs
+
+
+def test_half_biases_only_when_smaller_and_only_plain_float32_vectors() -> None:
+    tiny = _biased_convs([np.ones(2, np.float32)])
+    assert storage.half_bytes_saved([2]) <= 0
+    assert storage.pack_half(tiny, [tiny.graph.initializers["b0"]]) == []
+    assert "b0" in tiny.graph.initializers
+    huge = _biased_convs([np.full(64, 1e6, np.float32), RNG.standard_normal(64).astype(np.float32)])
+    kept = storage.pack_half(huge, list(huge.graph.initializers[f"b{i}"] for i in range(2)))
+    assert [v.name for v in kept] == ["b1"]  # 1e6 is beyond float16's range
+    assert "b0" in huge.graph.initializers

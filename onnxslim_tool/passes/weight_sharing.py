@@ -72,6 +72,7 @@ class WeightSharing(CompressionPass):
         refit: bool | None = None,
         min_params: int = 256,
         seed: int = 0,
+        half_biases: bool = True,
         include=(),
         exclude=(),
     ) -> None:
@@ -95,6 +96,7 @@ class WeightSharing(CompressionPass):
         self.refit = None if refit is None else bool(refit)  # None: refit when data is given
         self.min_params = int(min_params)
         self.seed = int(seed)
+        self.half_biases = bool(half_biases)
 
     @property
     def uses_data(self) -> bool:  # type: ignore[override]
@@ -133,6 +135,7 @@ class WeightSharing(CompressionPass):
             )
         for target, table in zip(targets, tables, strict=True):
             target.set(table.weights(target.array.dtype))
+        biases = _biases(targets) if self.half_biases else []
         ours = {t.value for t in targets}
         leftovers = [v for v in restored if v not in ours]  # packed by an earlier pass: pack again
         if self.method == "hash":
@@ -143,6 +146,14 @@ class WeightSharing(CompressionPass):
         else:
             stored = {s.name: s for s in storage.pack(model, [t.value for t in targets] + leftovers)}
         self._record(targets, tables, originals, stored, record)
+        halved = storage.pack_half(model, biases)
+        if halved:
+            count = sum(v.const_value.size for v in halved)
+            record.notes.append(
+                f"biases of {len(halved)} shared layer(s) stored as float16 ({count} values, "
+                f"{storage.half_bytes_saved([v.const_value.size for v in halved])} B saved; "
+                "rounded to 2^-11 relative, cast back to float32 at load)"
+            )
         storage.shorten_names(model)
         record.notes.append("internal tensor names shortened (graph inputs/outputs and node names kept)")
 
@@ -541,6 +552,16 @@ class LinearView:
             patch[:, g * per_group : (g + 1) * per_group].reshape(patch.shape[0], -1)
             for g in range(self.groups)
         ]
+
+
+def _biases(targets: list[WeightTarget]) -> list[ir.Value]:
+    """The plain bias vectors (one reader each) of the layers of `targets`."""
+    found = []
+    for target in targets:
+        view, _ = LinearView.of(target)
+        if view is not None and view.bias is not None:
+            found.append(view.bias)
+    return found
 
 
 def _vector_input(node: ir.Node, index: int, size: int) -> ir.Value | None:

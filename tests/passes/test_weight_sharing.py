@@ -181,6 +181,23 @@ def test_refit_by_default_when_data_is_given_and_silently_not_without() -> None:
     assert not any("refit" in n for n in off.notes)
 
 
+def test_biases_of_shared_layers_go_float16_unless_turned_off() -> None:
+    def halves(model: ir.Model) -> int:
+        return sum(v.const_value.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values())
+
+    halved, kept = _mlp(), _mlp()
+    record = _apply(WeightSharing(4, min_params=1, refit=False), halved)
+    assert any("stored as float16" in n for n in record.notes)
+    _apply(WeightSharing(4, min_params=1, refit=False, half_biases=False), kept)
+    assert halves(halved) == 1 and halves(kept) == 0
+    assert io.serialized_size(halved) < io.serialized_size(kept)
+    # Same codes and tables either way: the outputs differ only by the biases' float16 rounding.
+    x = {"x": RNG.standard_normal((4, 16)).astype(np.float32)}
+    a, b = runtime.run_model(halved, [x])["y"], runtime.run_model(kept, [x])["y"]
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
+
+
 def test_refit_without_data_says_so() -> None:
     record = _apply(WeightSharing(4, refit=True, min_params=1), _mlp())
     assert any("no calibration data" in n for n in record.notes)
