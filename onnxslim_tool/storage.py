@@ -11,6 +11,9 @@ each such weight in the cheapest of these exact encodings:
   zero, so the same codebook serves the dense and the sparse form);
 - ``dense``: left as it is when nothing above is smaller.
 
+`pack_half` (lossy, so only a lossy pass calls it) stores float32 vectors such as biases
+as one float16 tensor, cast back and split in-graph, when that is smaller.
+
 Codes of all weights that share an encoding are concatenated into one stream (fewer nodes:
 the sample models are 60-90 KB, where every node counts). Standard ops expand the stream:
 Cast, integer Div and Mod (Div/Mul/Sub before opset 10), MatMul, CumSum for the
