@@ -53,6 +53,8 @@ METHODS = ("kmeans", "hash", "ternary", "pow2")
 TERNARY_THRESHOLD = 0.7  # x mean |w|: TWN's approximation of the optimal threshold
 INITS = ("linear", "density", "random", "kmeans++")
 MINIBATCH_ABOVE = 65_536  # weights per fit above which mini-batch k-means is used
+# Biases go float16 when that rounding is at most this share of the weight's sharing error.
+HALF_BIAS_SHARE = 0.01
 # A table whose weights are at least this share exactly zero was pruned: keep zero exact.
 ZERO_RESERVED_ABOVE = 0.01
 
@@ -135,7 +137,7 @@ class WeightSharing(CompressionPass):
             )
         for target, table in zip(targets, tables, strict=True):
             target.set(table.weights(target.array.dtype))
-        biases = _biases(targets) if self.half_biases else []
+        biases = _biases(targets, originals) if self.half_biases else []
         ours = {t.value for t in targets}
         leftovers = [v for v in restored if v not in ours]  # packed by an earlier pass: pack again
         if self.method == "hash":
@@ -554,12 +556,24 @@ class LinearView:
         ]
 
 
-def _biases(targets: list[WeightTarget]) -> list[ir.Value]:
-    """The plain bias vectors (one reader each) of the layers of `targets`."""
+def _biases(targets: list[WeightTarget], originals: dict[str, np.ndarray]) -> list[ir.Value]:
+    """The plain bias vectors (one reader each) of shared layers that float16 leaves exact enough.
+
+    Exact enough: the bias's float16 rounding error (relative) is at most `HALF_BIAS_SHARE`
+    of the error sharing made in the layer's weight, so an exact codebook (error 0) keeps
+    its float32 biases and the model stays identical.
+    """
     found = []
     for target in targets:
         view, _ = LinearView.of(target)
-        if view is not None and view.bias is not None:
+        if view is None or view.bias is None:
+            continue
+        bias = view.bias.const_value.numpy()
+        if bias.dtype != np.float32:
+            continue
+        rounded = bias.astype(np.float16).astype(np.float32)
+        weight_error = _relative_error(originals[target.value.name], target.array)
+        if _relative_error(bias, rounded) <= HALF_BIAS_SHARE * weight_error:
             found.append(view.bias)
     return found
 

@@ -198,6 +198,21 @@ def test_biases_of_shared_layers_go_float16_unless_turned_off() -> None:
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
 
 
+def test_exact_sharing_keeps_float32_biases_and_the_outputs() -> None:
+    model = _mlp()
+    for name in ("w1", "w2"):  # at most 8 distinct values: 3-bit sharing is exact
+        value = model.graph.initializers[name]
+        w = value.const_value.numpy()
+        levels = np.linspace(w.min(), w.max(), 8, dtype=np.float32)
+        value.const_value = ir.tensor(levels[np.abs(w[..., None] - levels).argmin(-1)], name=name)
+    x = {"x": RNG.standard_normal((4, 16)).astype(np.float32)}
+    expected = runtime.run_model(model, [x])["y"]
+    record = _apply(WeightSharing(3, min_params=1, refit=False), model)
+    assert not any("float16" in n for n in record.notes)
+    assert all(v.const_value.dtype != ir.DataType.FLOAT16 for v in model.graph.initializers.values())
+    np.testing.assert_array_equal(runtime.run_model(model, [x])["y"], expected)
+
+
 def test_refit_without_data_says_so() -> None:
     record = _apply(WeightSharing(4, refit=True, min_params=1), _mlp())
     assert any("no calibration data" in n for n in record.notes)
