@@ -192,3 +192,34 @@ def test_api_splits_data_so_evaluation_never_sees_calibration():
     calib_rows = {row.tobytes() for row in calib.inputs["x"]}
     assert calib_rows and len(calib_rows) == len(calib)
     assert result.steps[0].status == "applied"
+
+
+def test_drop_far_over_budget_skips_milder_settings_that_cannot_fit():
+    tried = []
+
+    class Counted(ScaleWeights):
+        def rewrite(self, model, record):
+            tried.append(self.noise)
+            super().rewrite(model, record)
+
+        def milder(self):
+            return Counted(self.noise / 2) if self.noise > 0.01 else None
+
+    _, result = _run([Counted(8.0)], max_drop=0.01)
+    step = result.steps[0]
+    halvings = len([n for n in tried if n < 8.0])
+    every = 0
+    noise = 8.0
+    while noise > 0.01:
+        noise, every = noise / 2, every + 1
+    assert halvings < every  # settings were skipped, not all tried
+    assert any("skipped untried" in a for a in step.attempts)
+    assert result.accuracy_before - result.accuracy_after <= 0.01 or step.status == "rolled back"
+
+
+@pytest.mark.parametrize(("drop", "budget", "skips"), [(0.02, 0.01, 0), (0.03, 0.01, 1), (0.25, 0.01, 3)])
+def test_backoff_skips_grow_with_the_overrun(drop, budget, skips):
+    from onnxslim_tool.pipeline import _backoff_skips
+
+    assert _backoff_skips(drop, budget) == skips
+    assert _backoff_skips(drop, 0.0) == 0
