@@ -138,7 +138,11 @@ class ChannelPruning(CompressionPass):
         feeds = list(self.calibration.batches(BATCH)) if self.calibration is not None else []
         evidence = _Evidence(original, feeds, self.max_rows, self.seed)
         scores = {g.id: self._scores(evidence, g, record) for g in candidates}
-        plan = self._plan(model, groups, candidates, scores, record)
+        shapes = _data_shapes(model, self.calibration)
+        if shapes and self.target_macs is not None:
+            fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
+            record.notes.append(f"MACs counted at the calibration data's input shape: {fixed}")
+        plan = self._plan(model, groups, candidates, scores, record, shapes)
         if self.criterion in importance.MASK_SEARCH:
             # The search needs each group's kept count: take it from the plan the l1 scores
             # gave, then let the best mask decide which channels fill it.
@@ -305,7 +309,10 @@ class ChannelPruning(CompressionPass):
         candidates: Sequence[DependencyGroup],
         scores: dict[int, np.ndarray],
         record: PassRecord,
+        shapes: dict[str, list[int]] | None = None,
     ) -> PruningPlan:
+        """Kept channels per group. `shapes` (input name -> shape) fixes the inputs' symbolic
+        dims for the MACs count: left at 1, a detector's 80x80 and 10x10 maps weigh the same."""
         ranked_globally = self.criterion in importance.GLOBAL
         counts = {
             g.id: _kept_count(g, r, self.round_to)
@@ -319,7 +326,7 @@ class ChannelPruning(CompressionPass):
         plan = _plan_from_counts(candidates, scores, counts, self.criterion)
         if self.target_macs is None or not free:
             return plan
-        costs = _CostModel.build(model, candidates, scores)
+        costs = _CostModel.build(model, candidates, scores, shapes)
         target, goal = self.target_macs, self.target_macs
         best: tuple[float, PruningPlan] | None = None
         allocate = _allocate_global if ranked_globally else _allocate
@@ -328,7 +335,7 @@ class ChannelPruning(CompressionPass):
             plan = _plan_from_counts(candidates, scores, counts, self.criterion)
             trial = io.load(model, lift_constants=False)
             apply_plan(trial, list(groups), plan)
-            reached = analyze_cost(trial).total_macs / costs.total
+            reached = analyze_cost(trial, shapes).total_macs / costs.total
             # Keep the plan closest to the target from below (else the smallest overshoot).
             if best is None or _closer(reached, best[0], target):
                 best = (reached, plan)
@@ -587,9 +594,13 @@ class _CostModel:
 
     @classmethod
     def build(
-        cls, model: ir.Model, groups: Sequence[DependencyGroup], scores: dict[int, np.ndarray]
+        cls,
+        model: ir.Model,
+        groups: Sequence[DependencyGroup],
+        scores: dict[int, np.ndarray],
+        shapes: dict[str, list[int]] | None = None,
     ) -> _CostModel:
-        cost = analyze_cost(model)
+        cost = analyze_cost(model, shapes)
         labels = node_labels(model.graph)
         weight_of = {
             node.inputs[1].name: labels[node]
@@ -716,6 +727,23 @@ def _allocate_global(
         middle = (low + high) // 2
         low, high = (middle, high) if costs.macs({**fixed, **counts_at(middle)}) > goal else (low, middle)
     return counts_at(high)
+
+
+def _data_shapes(model: ir.Model, calibration) -> dict[str, list[int]] | None:
+    """Shapes of the model's inputs whose dims are symbolic, as one calibration batch has them
+    (dims the model fixes stay as declared); None without data or symbolic dims."""
+    if calibration is None:
+        return None
+    batch = next(iter(calibration.batches(1)), None)
+    shapes = {}
+    for value in model.graph.inputs:
+        dims = list(value.shape) if value.shape is not None else None
+        array = None if batch is None else batch.get(value.name)
+        if dims is None or array is None or all(isinstance(d, int) for d in dims) or array.ndim != len(dims):
+            continue
+        pairs = zip(dims, array.shape, strict=True)
+        shapes[value.name] = [d if isinstance(d, int) else int(n) for d, n in pairs]
+    return shapes or None
 
 
 def _closer(reached: float, best: float, target: float) -> bool:

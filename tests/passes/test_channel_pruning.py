@@ -269,3 +269,34 @@ def test_through_the_api_with_only_calibration_data():
     assert step.status == "applied", step.reason
     assert result.after.macs <= 0.5 * result.before.macs
     assert result.accuracy_after > 0.9
+
+
+def test_macs_target_counts_symbolic_spatial_dims_at_the_data_resolution():
+    """Input [n, 3, H, W]: a full-resolution conv then a stride-4 one. Counted with H = W = 1,
+    the stride-4 conv looks 2.7x costlier than the first; at the data's 16x16 it is 6x cheaper,
+    so a plan sized at 1x1 leaves the real MACs over the target (0.78 where 0.7 was asked)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="full", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+        helper.make_node("Conv", ["ra", "wb"], ["b"], name="strided", pads=[1, 1, 1, 1], strides=[4, 4]),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+        helper.make_node("Conv", ["rb", "wc"], ["out"], name="head"),
+    ]
+    inits = [
+        numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("wa", (8, 3, 3, 3)), ("wb", (8, 8, 3, 3)), ("wc", (2, 8, 1, 1)))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "strided",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 2, "oh", "ow"])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = CalibrationData.from_arrays({"x": RNG.standard_normal((4, 3, 16, 16)).astype(np.float32)})
+    model, record = _prune(ir.from_proto(proto), data, target_macs=0.7, protect_ends=False, reconstruct=False)
+    shape = {"x": [1, 3, 16, 16]}
+    reached = analyze_cost(model, shape).total_macs / analyze_cost(ir.from_proto(proto), shape).total_macs
+    assert 0.6 < reached <= 0.7
+    assert "MACs counted at the calibration data's input shape: x=1x3x16x16" in record.notes
