@@ -7,6 +7,7 @@ the same object, so a flag run and a recipe run are one code path.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -57,10 +58,12 @@ class Recipe:
         for i, raw in enumerate(raw_steps):
             if isinstance(raw, str):
                 raw = {"pass": raw}
+            if isinstance(raw, dict) and "pass" not in raw and "name" in raw:
+                raw = {"pass": raw["name"], **{k: v for k, v in raw.items() if k != "name"}}
             if not isinstance(raw, dict) or "pass" not in raw:
                 raise RecipeError(f"passes[{i}] must be a pass name or a mapping with a 'pass' key")
             params = {k: v for k, v in raw.items() if k != "pass"}
-            steps.append(Step(str(raw["pass"]), params))
+            steps.append(Step(canonical_pass_name(raw["pass"]), params))
         metric = data.get("task_metric")
         if metric is not None and (not isinstance(metric, str) or not metric):
             raise RecipeError(
@@ -110,7 +113,8 @@ class Recipe:
             for key in step.params:
                 if key not in allowed:
                     raise RecipeError(
-                        f"pass '{step.name}' has no parameter '{key}'; allowed: {', '.join(sorted(allowed))}"
+                        f"pass '{step.name}' has no parameter '{key}'{_did_you_mean(key, allowed)}; "
+                        f"allowed: {', '.join(sorted(allowed))}"
                     )
 
     def build(self) -> list[CompressionPass]:
@@ -135,11 +139,42 @@ class Recipe:
         return passes
 
 
+# The CLI's flag names and other spellings users write for a pass.
+_PASS_ALIASES = {
+    "prune-channels": "channel-pruning",
+    "prune-weights": "weight-pruning",
+    "share-weights": "weight-sharing",
+    "share": "weight-sharing",
+    "drop-blocks": "block-dropping",
+    "merge-layers": "layer-merging",
+    "low-rank": "lowrank",
+    "quantization": "quantize",
+}
+
+
+def canonical_pass_name(name: Any) -> str:
+    """A pass name as registered: case and '_' vs '-' do not matter, CLI flag names work."""
+    text = str(name).strip().lower().replace("_", "-")
+    return _PASS_ALIASES.get(text, text)
+
+
+def _did_you_mean(word: str, choices: set[str] | list[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _did_you_mean_pass(name: str) -> str:
+    close = difflib.get_close_matches(name, [*available(), *_PASS_ALIASES], n=1)
+    return f" (did you mean '{_PASS_ALIASES.get(close[0], close[0])}'?)" if close else ""
+
+
 def _constructor_params(name: str) -> set[str]:
     try:
         cls = pass_class(name)
     except KeyError:
-        raise RecipeError(f"unknown pass '{name}'; available: {', '.join(available())}") from None
+        raise RecipeError(
+            f"unknown pass '{name}'{_did_you_mean_pass(name)}; available: {', '.join(available())}"
+        ) from None
     except ImportError as exc:
         raise RecipeError(f"pass '{name}' is not available in this installation: {exc}") from exc
     params: set[str] = set()
