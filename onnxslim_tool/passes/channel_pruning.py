@@ -56,7 +56,11 @@ class ChannelPruning(CompressionPass):
     target holds); `round_to`: kept counts are multiples of it; `protect_ends`: leave the
     groups produced by the first layer and read by the last one alone; `reconstruct`: refit
     consumers on calibration data (needs data); `max_rows`: sampled rows per fit/statistic;
-    `search_trials`: random masks tried per group by the `random-search` criterion.
+    `search_trials`: random masks tried per group by the `random-search` criterion;
+    `min_ridge`: the weakest refit ridge allowed (relative to the mean input energy; cross-
+    validation picks from 0.001 otherwise). 0.1 helps where the calibration data lacks inputs
+    the model will meet (YOLOv8n calibrated on photos with few of its objects, 80% MACs:
+    detection F1 0.705 -> 0.771), at the cost of exactness where it does not.
 
     `nisp` ranks all groups' channels together: a global ratio removes that share of all
     their channels, lowest NISP score first (and `target_macs` removes them in that order
@@ -79,6 +83,7 @@ class ChannelPruning(CompressionPass):
         seed: int = 0,
         max_rows: int = 20000,
         search_trials: int = 16,
+        min_ridge: float = 0.0,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
     ) -> None:
@@ -92,6 +97,9 @@ class ChannelPruning(CompressionPass):
         _check_positive("round_to", round_to)
         _check_positive("max_rows", max_rows)
         _check_positive("search_trials", search_trials)
+        number = isinstance(min_ridge, (int, float)) and not isinstance(min_ridge, bool)
+        if not number or not math.isfinite(min_ridge) or min_ridge < 0:
+            raise OnnxSlimError(f"min_ridge must be a finite number >= 0, got {min_ridge!r}")
         self.ratio = float(ratio)
         self.criterion = criterion
         self.reconstruct = bool(reconstruct)
@@ -102,6 +110,7 @@ class ChannelPruning(CompressionPass):
         self.seed = int(seed)
         self.max_rows = int(max_rows)
         self.search_trials = int(search_trials)
+        self.min_ridge = float(min_ridge)
 
     def milder(self) -> ChannelPruning | None:
         """A quarter less pruning (or a quarter less of the MACs cut); None below 5%."""
@@ -115,7 +124,7 @@ class ChannelPruning(CompressionPass):
 
     def _with(self, **changes) -> ChannelPruning:
         names = ("ratio", "criterion", "reconstruct", "target_macs", "round_to", "per_layer")
-        names += ("protect_ends", "seed", "max_rows", "search_trials", "include", "exclude")
+        names += ("protect_ends", "seed", "max_rows", "search_trials", "min_ridge", "include", "exclude")
         params = {k: getattr(self, k) for k in names}
         params.update(changes)
         mild = ChannelPruning(**params)
@@ -387,7 +396,14 @@ class ChannelPruning(CompressionPass):
         position = {id(node): i for i, node in enumerate(model.graph)}
         layers.sort(key=lambda layer: position[id(layer.node)])
         results = refit_layers(
-            model, original, layers, feeds, kept_outputs, max_rows=self.max_rows, seed=self.seed
+            model,
+            original,
+            layers,
+            feeds,
+            kept_outputs,
+            max_rows=self.max_rows,
+            seed=self.seed,
+            min_alpha=self.min_ridge,
         )
         record.notes += [r.note() for r in results]
 

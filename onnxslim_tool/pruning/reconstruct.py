@@ -461,21 +461,22 @@ class _Problem:
                 block.reshape(block.shape[0], -1), target[:, g * self.block_out : (g + 1) * self.block_out]
             )
 
-    def solve(self, alpha: float | None) -> Refit:
+    def solve(self, alpha: float | None, min_alpha: float = 0.0) -> Refit:
         w, b = self.layer.weight(), self.layer.bias()
         totals = [FitStats.total([fold[g] for fold in self.stats]) for g in range(self.layer.groups)]
         starts = [self._start(w, b, g) for g in range(self.layer.groups)]
         few_rows = totals[0].rows < CV_ROWS_PER_INPUT * totals[0].gram.shape[0]
         held_out = alpha is None and self.folds > 1 and few_rows and all(fold[0].rows for fold in self.stats)
         if held_out:
-            alpha, before, after = cross_validate(self.stats, starts, self.layer.fits_bias)
+            grid = ridge_grid(min_alpha)
+            alpha, before, after = cross_validate(self.stats, starts, self.layer.fits_bias, grid)
             applied = after < before
         new_w, new_b = np.empty_like(w), np.empty_like(b)
         train_before = train_after = total = 0.0
         for g, stats in enumerate(totals):
             w0, b0 = starts[g]
             fit_w, fit_b = ridge_solve(
-                stats, w0, b0, DEFAULT_ALPHA if alpha is None else alpha, self.layer.fits_bias
+                stats, w0, b0, max(DEFAULT_ALPHA, min_alpha) if alpha is None else alpha, self.layer.fits_bias
             )
             if self.spread and self.layer.fits_bias:
                 fit_w, fit_b = match_spread(stats, fit_w, fit_b)
@@ -497,19 +498,27 @@ class _Problem:
         return w[out].reshape(self.block_out, -1).T, b[out]
 
 
+def ridge_grid(min_alpha: float = 0.0) -> tuple[float, ...]:
+    """ALPHA_GRID without the strengths under `min_alpha` (which joins it), inf always kept."""
+    if min_alpha <= 0:
+        return ALPHA_GRID
+    return tuple(sorted({min_alpha, *(a for a in ALPHA_GRID if a >= min_alpha)}))
+
+
 def cross_validate(
     folds: Sequence[Sequence[FitStats]],
     starts: Sequence[tuple[np.ndarray, np.ndarray]],
     fit_bias: bool = True,
+    grid: Sequence[float] = ALPHA_GRID,
 ) -> tuple[float, float, float]:
-    """The ridge strength of ALPHA_GRID with the least held-out error, and the relative
+    """The ridge strength of `grid` with the least held-out error, and the relative
     held-out errors of the slice (`starts`) and of that strength.
 
     `folds[k][g]` holds fold k's statistics of problem g (a grouped conv has one problem per
     group); each fold is predicted by a fit on all the others.
     """
     totals = [FitStats.total([fold[g] for fold in folds]) for g in range(len(starts))]
-    errors = np.zeros(len(ALPHA_GRID))
+    errors = np.zeros(len(grid))
     baseline = held_total = 0.0
     for fold in folds:
         for g, held in enumerate(fold):
@@ -517,11 +526,11 @@ def cross_validate(
             w0, b0 = starts[g]
             baseline += held.residual(w0, b0)
             held_total += held.target_sq
-            for i, alpha in enumerate(ALPHA_GRID):
+            for i, alpha in enumerate(grid):
                 fit_w, fit_b = ridge_solve(train, w0, b0, alpha, fit_bias)
                 errors[i] += held.residual(fit_w, fit_b)
     best = int(np.argmin(errors))
-    return ALPHA_GRID[best], _relative(baseline, held_total), _relative(float(errors[best]), held_total)
+    return grid[best], _relative(baseline, held_total), _relative(float(errors[best]), held_total)
 
 
 def _relative(residual: float, total: float) -> float:
@@ -539,6 +548,7 @@ def refit_layers(
     alpha: float | None = None,
     seed: int = 0,
     restore_spread: bool = True,
+    min_alpha: float = 0.0,
 ) -> list[Refit]:
     """Refit `layers` of `pruned` (in place) toward the same layers of `original`.
 
@@ -548,7 +558,9 @@ def refit_layers(
     `alpha` None chooses each layer's ridge strength by cross-validation over calibration
     samples (when each fold gets some and the layer is narrow enough), and a refit that
     does not beat the slice on held-out samples is not applied. `restore_spread` widens
-    each refit output back to the original's spread (see `match_spread`).
+    each refit output back to the original's spread (see `match_spread`). `min_alpha` is the
+    weakest ridge allowed, chosen or default: calibration data that lacks some of the inputs
+    the model will meet cannot show cross-validation what a weak ridge loses on them.
     """
     kept_outputs = kept_outputs or {}
     rows_per_batch = max(1, math.ceil(max_rows / max(1, len(feeds))))
@@ -580,7 +592,7 @@ def refit_layers(
         for x_batch, y_batch in zip(inputs, targets, strict=True):
             for problem in problems:
                 problem.add(x_batch[problem.layer.input.name], y_batch[problem.layer.output.name])
-        results += [problem.solve(alpha) for problem in problems]
+        results += [problem.solve(alpha, min_alpha) for problem in problems]
         done = {id(layer) for layer in wave}
         pending = [layer for layer in pending if id(layer) not in done]
     return results

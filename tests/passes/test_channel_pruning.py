@@ -300,3 +300,27 @@ def test_macs_target_counts_symbolic_spatial_dims_at_the_data_resolution():
     reached = analyze_cost(model, shape).total_macs / analyze_cost(ir.from_proto(proto), shape).total_macs
     assert 0.6 < reached <= 0.7
     assert "MACs counted at the calibration data's input shape: x=1x3x16x16" in record.notes
+
+
+def test_min_ridge_bounds_the_ridge_every_refit_uses():
+    proto = _chain(RNG.standard_normal((4, 3, 1, 1)), RNG.standard_normal((5, 4, 3, 3)), relu=True)
+
+    def refit_notes(samples: int, floor: float) -> list[str]:
+        _, record = _prune(ir.from_proto(proto), _tiny_data(3, samples), **ONLY_CONV1, min_ridge=floor)
+        return [n for n in record.notes if n.startswith(("refit", "kept slice"))]
+
+    # 8 samples: few rows per unknown, so cross-validation chooses, from the floor up.
+    chosen = [n for n in refit_notes(8, 0.5) if "held-out" in n]
+    assert chosen and all("ridge " in n or "bias only" in n for n in chosen)
+    assert min(float(n.split("ridge ")[1].rstrip(")")) for n in chosen if "ridge " in n) >= 0.5
+
+    # 32 samples: plenty of rows, no cross-validation; the floor raises the default ridge, so
+    # the fit stays nearer the slice and its training error is higher.
+    def conv2_error(floor: float) -> float:
+        note = next(n for n in refit_notes(32, floor) if n.startswith("refit conv2"))
+        return float(note.split("-> ")[1].split()[0])
+
+    assert conv2_error(0.5) > 1.1 * conv2_error(0.0)
+    assert ChannelPruning(target_macs=0.6, min_ridge=0.1).milder().min_ridge == 0.1
+    with pytest.raises(OnnxSlimError, match="min_ridge must be"):
+        ChannelPruning(min_ridge=-1.0)

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_tool.graph_utils import const_array
 from onnxslim_tool.pruning.reconstruct import (
+    ALPHA_GRID,
     ConvGeometry,
     FitStats,
     as_linear_layer,
@@ -19,6 +20,7 @@ from onnxslim_tool.pruning.reconstruct import (
     cross_validate,
     match_spread,
     refit_layers,
+    ridge_grid,
     ridge_solve,
     sample_positions,
 )
@@ -168,6 +170,29 @@ def test_cross_validation_refuses_to_interpolate_noise_with_few_rows():
     alpha, before, after = cross_validate(_folds(x, y), [(w0, np.zeros(3))])
     assert alpha >= 1.0
     assert after < 1.1 * before  # about the slice's own error: the noise is not learnt
+
+
+def test_a_ridge_floor_keeps_directions_the_calibration_data_barely_excites():
+    """Input 4 hardly varies on the calibration rows, so held-out calibration rows cannot show
+    what bending its weight costs: here cross-validation picks the weakest ridge, which fits
+    the noise through that input and errs by 10x where it does vary. A floor of 0.1 keeps
+    its weight near the slice's. (A trade-off: the floor also pulls the other weights.)"""
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal((5, 2))
+    w_true = w0 + 0.05 * rng.standard_normal((5, 2)) * np.array([[1], [1], [1], [1], [0]])
+    calib = rng.standard_normal((200, 5)) * np.array([1, 1, 1, 1, 0.05])
+    y = calib @ w_true + 0.1 * rng.standard_normal((200, 2))
+    unseen = rng.standard_normal((500, 5))
+
+    def fit(grid) -> tuple[float, float]:
+        alpha, _, _ = cross_validate(_folds(calib, y), [(w0, np.zeros(2))], grid=grid)
+        w, b = ridge_solve(_stats(calib, y), w0, np.zeros(2), alpha)
+        return alpha, float(np.sqrt(((unseen @ w + b - unseen @ w_true) ** 2).mean()))
+
+    assert ridge_grid(0.1) == (0.1, 1.0, math.inf) and ridge_grid(0.0) == ALPHA_GRID
+    (weak, free_error), (floor, floor_error) = fit(ALPHA_GRID), fit(ridge_grid(0.1))
+    assert weak == ALPHA_GRID[0] and floor == 0.1
+    assert floor_error < 0.2 * free_error
 
 
 def test_cross_validation_picks_a_weak_ridge_when_rows_are_plentiful():
