@@ -74,8 +74,15 @@ def run_feeds(
         except Exception as exc:
             raise OnnxSlimError(f"onnxruntime failed to run the model: {_one_line(exc)}") from exc
         for name, out in zip(names, outs, strict=True):
-            chunks[name].append(np.asarray(out))
+            chunks[name].append(_as_array(out))
     return {n: _concat(parts) for n, parts in chunks.items()}
+
+
+def _as_array(out: object) -> np.ndarray:
+    """A tensor output as is; a sequence of tensors (SplitToSequence...) flattened into one."""
+    if isinstance(out, list) and all(isinstance(item, np.ndarray) for item in out):
+        return np.concatenate([item.ravel() for item in out]) if out else np.empty((0,))
+    return np.asarray(out)
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
