@@ -23,7 +23,10 @@ def test_recipe_from_dict_builds_passes_with_params():
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
-        ({"passes": [{"pass": "cleanup", "fold_bn": True}]}, "no parameter 'fold_bn' (did you mean 'fold_batchnorm'?); allowed:"),
+        (
+            {"passes": [{"pass": "cleanup", "fold_bn": True}]},
+            "no parameter 'fold_bn' (did you mean 'fold_batchnorm'?); allowed:",
+        ),
         ({"passes": ["no-such-pass"]}, "unknown pass 'no-such-pass'; available: cleanup"),
         ({"passes": []}, "non-empty 'passes'"),
         ({"passes": ["cleanup"], "budget": 1}, "unknown recipe key 'budget'"),
@@ -90,5 +93,7 @@ def test_pass_names_are_forgiving_and_bad_keys_are_named():
     assert [s.name for s in recipe.steps] == ["channel-pruning", "quantize"]
     with pytest.raises(RecipeError, match=r"no parameter 'ratioo' \(did you mean 'ratio'\?\)"):
         Recipe.from_dict({"passes": [{"name": "prune_channels", "ratioo": 0.3}]})
-    with pytest.raises(RecipeError, match=r"unknown pass 'prune-chanels' \(did you mean 'channel-pruning'\?\)"):
+    with pytest.raises(
+        RecipeError, match=r"unknown pass 'prune-chanels' \(did you mean 'channel-pruning'\?\)"
+    ):
         Recipe.from_dict({"passes": ["prune-chanels"]})
