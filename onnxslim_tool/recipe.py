@@ -292,7 +292,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "max_drop": 0.01,
         "passes": [
             {"pass": "cleanup", "fold_batchnorm": False},
-            {"pass": "channel-pruning", "ratio": 0.2, "criterion": "thinet"},
+            {"pass": "channel-pruning", "ratio": 0.2, "criterion": "thinet", "round_to": 8},
             "cleanup",
             {"pass": "quantize", "mode": "int8-weights"},
         ],
