@@ -145,8 +145,6 @@ class Quantize(CompressionPass):
             record.notes.extend(formats.latency_report(mode, result))
             if self.speed_guard:
                 result = _guard_speed(formats, mode, result, record)
-                if result is None:
-                    return
             original_names = {node.name for node in prepared.model.graph if node.name}
             restore_layer_names(result, original_names)
             _record_layers(result, formats.context.excluded, record)
@@ -241,9 +239,9 @@ class _CodedWeights:
         storage.pack(model, again)
 
 
-def _guard_speed(formats: Formats, mode: str, result: ir.Model, record: PassRecord) -> ir.Model | None:
+def _guard_speed(formats: Formats, mode: str, result: ir.Model, record: PassRecord) -> ir.Model:
     """With speed_guard, a format measured slower than fp32 gives way to int8-weights (float
-    speed by construction: onnxruntime folds the weights back at load), or to no change."""
+    speed by construction: onnxruntime folds the weights back at load), or the pass is refused."""
     ratios = formats.first_batch_ratios
     ratio = ratios.get(mode)
     if mode == "int8-weights" or ratio is None or ratio <= SLOWER_TOLERANCE:
@@ -255,10 +253,8 @@ def _guard_speed(formats: Formats, mode: str, result: ir.Model, record: PassReco
             "kept int8-weights (4x smaller weights, float speed)"
         )
         return formats.weights_only(record.notes)
-    why = f"speed guard: {mode} ran {ratio:.2f}x of fp32 and no int8 format was as fast; model left as it was"
-    record.notes.append(why)
-    record.skip("model", why)
-    return None
+    # Refused rather than a silent no-op, so the report says why the model is unchanged.
+    raise PassError(f"speed guard: {mode} ran {ratio:.2f}x of fp32 and no int8 format was as fast")
 
 
 def _coded_weights(model: ir.Model) -> _CodedWeights:
