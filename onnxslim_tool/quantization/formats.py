@@ -27,7 +27,6 @@ from onnxslim_tool.quantization.weight_only import (
     quantize_layer_weights,
     quantize_recurrent_weights,
     store_all_remaining_constants,
-    store_remaining_constants,
 )
 
 INT4_BLOCK = 32
@@ -120,19 +119,9 @@ class Formats:
     def weights_only(self, notes: list[str]) -> ir.Model:
         ctx = self.context
         model = io.load(ctx.float_model, lift_constants=False)
-        stored, kept = [], []
-        # Subgraphs too: exporters put whole networks inside If branches (silero VAD), where
-        # onnxruntime's quantizers never look; weight storage is local to each graph.
-        for graph in model.graphs():
-            nodes = [n for n in graph if n.op_type in WEIGHT_INPUT and n.name not in ctx.excluded]
-            done, skipped = quantize_layer_weights(
-                graph, nodes, per_channel=ctx.per_channel, form=WEIGHT_FORM
-            )
-            stored += done
-            ctx.excluded.update(dict(skipped))
-            stored += quantize_recurrent_weights(graph, per_channel=ctx.per_channel, excluded=ctx.excluded)
-        for graph in model.graphs():
-            kept += store_remaining_constants(graph)
+        stored, skipped = self._store_int8_weights(model, tuple(WEIGHT_INPUT))
+        ctx.excluded.update(dict(skipped))
+        kept = store_all_remaining_constants(model)
         if stored:
             notes.append(
                 f"{len(stored)} weight(s) and {len(kept)} other float constant(s) (biases, norms) stored as "
@@ -159,19 +148,33 @@ class Formats:
 
         onnxruntime's quantizers never enter If/Loop bodies, so layers there are always "the rest".
         """
-        ctx = self.context
-        stored = []
-        for graph in model.graphs():
-            if subgraphs_only and graph is model.graph:
-                continue
-            rest = [n for n in graph if n.op_type in WEIGHTED_OPS and n.name not in ctx.excluded]
-            rest = [n for n in rest if _has_float_weight(n)]
-            done, _ = quantize_layer_weights(graph, rest, per_channel=ctx.per_channel, form=WEIGHT_FORM)
-            stored += done
-            stored += quantize_recurrent_weights(graph, per_channel=ctx.per_channel, excluded=ctx.excluded)
+        stored, _ = self._store_int8_weights(
+            model, WEIGHTED_OPS, rest_only=True, subgraphs_only=subgraphs_only
+        )
         if stored:
             ops = ", ".join(f"{op} x{n}" for op, n in Counter(s.op_type for s in stored).items())
             notes.append(f"{ops}: int8 weights only, float compute ({why})")
+
+    def _store_int8_weights(
+        self, model: ir.Model, ops: tuple[str, ...], *, rest_only: bool = False, subgraphs_only: bool = False
+    ) -> tuple[list, list[tuple[str, str]]]:
+        """Int8 weight storage (folded at load) for the float layers of `ops` not excluded, and
+        for recurrent W/R, in every graph: exporters put whole networks inside If branches
+        (silero VAD), where onnxruntime's quantizers never look. With `rest_only`, only layers a
+        main format left with float weights are considered. Returns (stored, skipped)."""
+        ctx = self.context
+        stored, skipped = [], []
+        for graph in model.graphs():
+            if subgraphs_only and graph is model.graph:
+                continue
+            layers = [n for n in graph if n.op_type in ops and n.name not in ctx.excluded]
+            if rest_only:
+                layers = [n for n in layers if _has_float_weight(n)]
+            done, left = quantize_layer_weights(graph, layers, per_channel=ctx.per_channel, form=WEIGHT_FORM)
+            stored += done
+            skipped += left
+            stored += quantize_recurrent_weights(graph, per_channel=ctx.per_channel, excluded=ctx.excluded)
+        return stored, skipped
 
     # ----- measurements ------------------------------------------------------------------------
 
