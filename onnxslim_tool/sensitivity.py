@@ -187,38 +187,25 @@ def _measure_one(
     # Parallelism is across jobs (n_jobs). BLAS threads inside the small solves of one job
     # only contend: on 2 busy cores a pruning scan took 70 s with them and 7 s without.
     with threadpool_limits(1):
-        return _measure(serialized, spec, layer, value, calibration, judge, reference, seed)
-
-
-def _measure(
-    serialized: bytes,
-    spec: Method,
-    layer: str,
-    value: Any,
-    calibration: CalibrationData | None,
-    judge: Pipeline,
-    reference: Evaluation,
-    seed: int,
-) -> Point:
-    model = io.load(serialized)
-    cls = pass_class(spec.pass_name)
-    params = spec.params_for([layer], value)
-    try:
-        compression = cls(**params, seed=seed) if "seed" in init_params(cls) else cls(**params)
-        compression.bind_data(calibration)
-        # A pass that measures candidates itself (quantize's repairs) judges by the same metric.
-        compression.bind_task_metric(judge.task_metric)
-        result = compression(model)
-        if not getattr(result, "modified", True):
-            return Point(value, 0.0, "unchanged", error="pass changed nothing on this layer")
-        candidate = judge.evaluate(model, reference)
-    except Exception as exc:  # one failing layer must not stop the scan: record why
-        return Point(value, None, "", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
-    drop, metric = metric_drop(reference, candidate)
-    cost = analyze_cost(model)
-    return Point(
-        value, drop, metric, cost.total_params, cost.total_macs, bytes_after=storage.compacted_size(model)
-    )
+        model = io.load(serialized)
+        cls = pass_class(spec.pass_name)
+        params = spec.params_for([layer], value)
+        try:
+            compression = cls(**params, seed=seed) if "seed" in init_params(cls) else cls(**params)
+            compression.bind_data(calibration)
+            # A pass that measures candidates itself (quantize's repairs) judges by the same metric.
+            compression.bind_task_metric(judge.task_metric)
+            result = compression(model)
+            if not getattr(result, "modified", True):
+                return Point(value, 0.0, "unchanged", error="pass changed nothing on this layer")
+            candidate = judge.evaluate(model, reference)
+        except Exception as exc:  # one failing layer must not stop the scan: record why
+            return Point(value, None, "", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+        drop, metric = metric_drop(reference, candidate)
+        cost = analyze_cost(model)
+        return Point(
+            value, drop, metric, cost.total_params, cost.total_macs, bytes_after=storage.compacted_size(model)
+        )
 
 
 def init_params(cls: type) -> set[str]:
