@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -219,13 +221,21 @@ def _where(exc: BaseException) -> str:
     return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
 
 
-def sweep(models: Iterable[Path], families: Sequence[str]) -> list[Outcome]:
+def sweep(models: Iterable[Path], families: Sequence[str], save: Path | None = None) -> list[Outcome]:
+    """Each outcome is appended to `save` as it is known, so a stopped sweep keeps its work."""
     outcomes = []
     for model_path in models:
         for family in families:
             with tempfile.TemporaryDirectory(prefix="onnxslim-sweep-") as tmp:
                 outcomes.append(check_one(model_path, family, Path(tmp)))
+            if save is not None:
+                with save.open("a") as f:
+                    f.write(json.dumps(dataclasses.asdict(outcomes[-1])) + "\n")
     return outcomes
+
+
+def load_outcomes(path: Path) -> list[Outcome]:
+    return [Outcome(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def table_markdown(outcomes: Sequence[Outcome], command: str = "", note: str = "") -> str:
@@ -283,11 +293,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--note", default="", help="a paragraph for the Markdown, e.g. why models were skipped"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
+    parser.add_argument(
+        "--save", type=Path, default=None, help="also write every outcome as JSON lines (for --merge)"
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="outcomes saved by an earlier run (--save) to include in the table; repeatable",
+    )
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     skip = {s for s in args.skip.split(",") if s}
     models = [m for m in corpus_models([s for s in args.sections.split(",") if s]) if m.name not in skip]
-    outcomes = sweep(models[: args.limit], families)
+    if args.save:
+        args.save.write_text("")
+    outcomes = sweep(models[: args.limit], families, args.save)
+    # A long corpus can be swept in parts (the big zoo models take an hour on 2 cores).
+    outcomes = [o for path in args.merge for o in load_outcomes(path)] + outcomes
     command = shlex.join(
         ["python", "-m", "onnxslim_tool.reliability", *(sys.argv[1:] if argv is None else argv)]
     )

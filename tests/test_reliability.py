@@ -99,3 +99,14 @@ def test_ctrl_c_exits_cleanly_without_output(monkeypatch, capsys, tmp_path):
     assert info.value.code == 130
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_saved_outcomes_merge_into_one_table(tmp_path):
+    first_two = reliability.corpus_models(("simple",))[:2]
+    saved = tmp_path / "part.jsonl"
+    outcomes = reliability.sweep(first_two, ["cleanup"], save=saved)
+    assert reliability.load_outcomes(saved) == outcomes
+    table = tmp_path / "table.md"
+    args = ["--sections", "pytorch-operator", "--limit", "1", "--families", "cleanup"]
+    assert reliability.main([*args, "--merge", str(saved), "--out", str(table)]) == 0
+    assert "(3 models: 1 pytorch-operator, 2 simple)" in table.read_text()
