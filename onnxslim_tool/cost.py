@@ -665,6 +665,23 @@ def _histogram(graph: ir.Graph) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
+def data_shapes(model: ir.Model, calibration) -> dict[str, list[int]] | None:
+    """Shapes of the model's inputs whose dims are symbolic, as one calibration batch has them
+    (dims the model fixes stay as declared); None without data or symbolic dims."""
+    if calibration is None:
+        return None
+    batch = next(iter(calibration.batches(1)), None)
+    shapes = {}
+    for value in model.graph.inputs:
+        dims = list(value.shape) if value.shape is not None else None
+        array = None if batch is None else batch.get(value.name)
+        if dims is None or array is None or all(isinstance(d, int) for d in dims) or array.ndim != len(dims):
+            continue
+        pairs = zip(dims, array.shape, strict=True)
+        shapes[value.name] = [d if isinstance(d, int) else int(n) for d, n in pairs]
+    return shapes or None
+
+
 def analyze_cost(
     model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None, default_dim: int = 1
 ) -> ModelCost:

@@ -323,6 +323,17 @@ class CalibrationData:
             raise DataError(f"subset size must be at least 1, got {n}")
         return self._take(np.arange(min(n, len(self))))
 
+    def spread(self, n: int) -> CalibrationData:
+        """``n`` samples evenly spaced over the set (all of them if there are fewer).
+
+        Calibration files are often ordered by source or class; a scan that can afford only
+        a few samples should see all of them, not the first one's crops."""
+        if n < 1:
+            raise DataError(f"subset size must be at least 1, got {n}")
+        if n >= len(self):
+            return self
+        return self._take(np.unique(np.linspace(0, len(self) - 1, n).round().astype(np.int64)))
+
     def _take(self, index: np.ndarray) -> CalibrationData:
         inputs = {name: arr[index] for name, arr in self.inputs.items()}
         labels = None if self.labels is None else self.labels[index]

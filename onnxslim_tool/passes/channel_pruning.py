@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxslim_tool import io, runtime
-from onnxslim_tool.cost import analyze_cost
+from onnxslim_tool.cost import analyze_cost, data_shapes
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.graph_utils import attr, const_array
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
@@ -147,7 +147,7 @@ class ChannelPruning(CompressionPass):
         feeds = list(self.calibration.batches(BATCH)) if self.calibration is not None else []
         evidence = _Evidence(original, feeds, self.max_rows, self.seed)
         scores = {g.id: self._scores(evidence, g, record) for g in candidates}
-        shapes = _data_shapes(model, self.calibration)
+        shapes = data_shapes(model, self.calibration)
         if shapes and self.target_macs is not None:
             fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
             record.notes.append(f"MACs counted at the calibration data's input shape: {fixed}")
@@ -743,23 +743,6 @@ def _allocate_global(
         middle = (low + high) // 2
         low, high = (middle, high) if costs.macs({**fixed, **counts_at(middle)}) > goal else (low, middle)
     return counts_at(high)
-
-
-def _data_shapes(model: ir.Model, calibration) -> dict[str, list[int]] | None:
-    """Shapes of the model's inputs whose dims are symbolic, as one calibration batch has them
-    (dims the model fixes stay as declared); None without data or symbolic dims."""
-    if calibration is None:
-        return None
-    batch = next(iter(calibration.batches(1)), None)
-    shapes = {}
-    for value in model.graph.inputs:
-        dims = list(value.shape) if value.shape is not None else None
-        array = None if batch is None else batch.get(value.name)
-        if dims is None or array is None or all(isinstance(d, int) for d in dims) or array.ndim != len(dims):
-            continue
-        pairs = zip(dims, array.shape, strict=True)
-        shapes[value.name] = [d if isinstance(d, int) else int(n) for d, n in pairs]
-    return shapes or None
 
 
 def _closer(reached: float, best: float, target: float) -> bool:

@@ -7,10 +7,10 @@ Which weights go:
 - ``sparsity`` given: that share of the selected weights goes, split between layers by
   sensitivity (``sensitivity=True``). With calibration data each layer is pruned alone at
   a few sparsities and the model's output change (relative squared error of all outputs)
-  measured on up to `SCAN_SAMPLES` calibration samples (fewer when there are many layers,
-  see `scan_samples`); without data the proxy is the share of the layer's weight energy
-  (sum of w^2) removed. The per-layer sparsities give
-  every layer the same damage while meeting the global target (one threshold on damage,
+  measured on up to `SCAN_SAMPLES` calibration samples spread over the set (fewer when there
+  are many layers or a sample costs many MACs, see `scan_samples`); without data the proxy
+  is the share of the layer's weight energy (sum of w^2) removed. The per-layer sparsities
+  give every layer the same damage while meeting the global target (one threshold on damage,
   found by bisection). ``sensitivity=False``: every layer pruned to the target.
   Within a layer the smallest weights go: by |w| without data; with data by |w| times the
   rms of the input the weight multiplies (its magnitude in normalised input units, as in
@@ -46,7 +46,11 @@ from onnxslim_tool.storage import WeightTarget
 
 SCAN_GRID = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)  # sparsities a layer is tried at in the sensitivity scan
 SCAN_SAMPLES = 128  # calibration samples a scan runs on at most ...
-SCAN_BUDGET = 8192  # ... and at most this many sample-runs in all (layers x grid x samples)
+SCAN_BUDGET = 8192  # ... and at most this many sample-runs in all (layers x grid x samples) ...
+# ... and at most this many multiply-accumulates in all: about a minute on one core, where
+# YOLOv8n (64 layers, 1 GMAC a sample) had spent 20 minutes on 18 samples per run.
+SCAN_MACS = 2 * 10**12
+MIN_SCAN_SAMPLES = 8
 SCAN_BATCH = 64
 _FINE_STEPS = 2000  # resolution of the per-layer sparsity allocation
 
@@ -150,7 +154,8 @@ class WeightPruning(CompressionPass):
             return [self.sparsity] * len(targets)
         grid = sorted({*SCAN_GRID, self.sparsity})
         if self.calibration is not None:
-            samples = min(len(self.calibration), scan_samples(len(targets), len(grid)))
+            macs = _macs_per_sample(model, self.calibration)
+            samples = min(len(self.calibration), scan_samples(len(targets), len(grid), macs))
             damage = self._scan(model, targets, scores, grid, samples)
             how = f"output change on {samples} calibration samples"
         else:
@@ -175,7 +180,7 @@ class WeightPruning(CompressionPass):
         """[layers, grid] output damage of pruning each layer alone, on calibration samples."""
         from onnxslim_tool import runtime  # onnxruntime: only scans need it
 
-        feeds = self.calibration.subset(samples).feeds(SCAN_BATCH)
+        feeds = self.calibration.spread(samples).feeds(SCAN_BATCH)
         reference = runtime.run_model(model, feeds)
         damage = np.zeros((len(targets), len(grid)))
         for i, (target, score) in enumerate(zip(targets, scores, strict=True)):
@@ -223,9 +228,24 @@ class WeightPruning(CompressionPass):
 # ----- magnitude masks and the sparsity allocation ---------------------------------------------------
 
 
-def scan_samples(layers: int, points: int) -> int:
-    """Samples per scan run: `SCAN_SAMPLES`, fewer for many layers (at least 8)."""
-    return int(np.clip(SCAN_BUDGET // max(1, layers * points), 8, SCAN_SAMPLES))
+def scan_samples(layers: int, points: int, macs_per_sample: int = 0) -> int:
+    """Samples per scan run: `SCAN_SAMPLES`, fewer for many layers or a costly model (at least
+    `MIN_SCAN_SAMPLES`). A count of MACs, not a timing, so the choice is deterministic."""
+    runs = max(1, layers * points)
+    samples = SCAN_BUDGET // runs
+    if macs_per_sample > 0:
+        samples = min(samples, SCAN_MACS // (runs * macs_per_sample))
+    return int(np.clip(samples, MIN_SCAN_SAMPLES, SCAN_SAMPLES))
+
+
+def _macs_per_sample(model: ir.Model, calibration) -> int:
+    """The model's MACs for one calibration sample (0 when they cannot be counted)."""
+    from onnxslim_tool.cost import analyze_cost, data_shapes
+
+    try:
+        return analyze_cost(model, data_shapes(model, calibration)).total_macs
+    except Exception:  # a model cost analysis cannot follow only loses the MACs cap
+        return 0
 
 
 def magnitude_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
@@ -250,7 +270,7 @@ def input_scaled_magnitudes(model: ir.Model, calibration, targets, *, seed: int 
     squares: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
     rng = np.random.default_rng(seed)
-    feeds = calibration.subset(SCAN_SAMPLES).feeds(SCAN_BATCH)
+    feeds = calibration.spread(SCAN_SAMPLES).feeds(SCAN_BATCH)
     for batch in runtime.stream_tensors(model, names, feeds) if names else []:
         for i, view in enumerate(views):
             if view is None:

@@ -129,6 +129,16 @@ def test_scans_of_many_layers_use_fewer_samples() -> None:
     assert scan_samples(3, 7) == 128
     assert scan_samples(64, 7) == 18
     assert scan_samples(2000, 7) == 8
+    # a costly sample (YOLOv8n: 1 GMAC, 64 layers) caps the samples by MACs, not by runs
+    assert scan_samples(64, 7, 10**9) == 8
+    assert scan_samples(64, 7, 10**8) == 18
+    assert scan_samples(3, 7, 10**10) == 9
+
+
+def test_spread_subset_reaches_the_end_of_the_set():
+    data = CalibrationData.from_arrays({"x": np.arange(10, dtype=np.float32)[:, None]})
+    assert data.spread(4).inputs["x"][:, 0].tolist() == [0, 3, 6, 9]
+    assert data.spread(20) is data
 
 
 def test_sensitivity_scan_prunes_the_robust_layer_more() -> None:
