@@ -205,7 +205,9 @@ def _judge(src: Path, out: Path, data: CalibrationData, result, min_cosine: floa
         if fid.cosine < min_cosine:
             return "FAILED", f"output '{fid.name}' cosine {fid.cosine:.6f} < {min_cosine}"
     if step.status == "no-op":
-        return "unchanged", "; ".join(s.reason for s in step.record.skipped[:2]) or "nothing to change"
+        # A pass that declined the whole model says why in a note (e.g. an opset too old).
+        why = [s.reason for s in step.record.skipped[:2]] or step.record.notes[:1]
+        return "unchanged", "; ".join(why) or "nothing to change"
     return "ok", f"{result.before.bytes:,} -> {result.after.bytes:,} bytes"
 
 
