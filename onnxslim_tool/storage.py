@@ -568,13 +568,21 @@ def pack(model: ir.Model, values: Iterable[ir.Value]) -> list[StoredWeight]:
         report.append(_stored(value, encoding, dense=encoding.kind == DENSE))
         if encoding.kind != DENSE:
             groups.setdefault((encoding.kind, encoding.bits), []).append((value, array, encoding))
+    tables = writer.half_tables([e for members in groups.values() for _, _, e in members])
     for (kind, bits), members in groups.items():
         flats = writer.stream_outputs(kind, bits, members)
         for (value, array, encoding), flat in zip(members, flats, strict=True):
-            weight = writer.lookup(flat, array, encoding)
+            weight = writer.lookup(flat, array, encoding, tables.get(id(encoding)))
             _swap_in(graph, value, weight)
     writer.commit()
     return report
+
+
+def _half_exact(values: np.ndarray) -> bool:
+    """Whether float16 holds every value exactly (a table a lossy pass rounded to float16)."""
+    if values.dtype != np.float32 or not np.isfinite(values).all() or np.abs(values).max() > HALF_MAX:
+        return False
+    return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
 
 
 def _stored(value: ir.Value, encoding: Encoding, *, dense: bool) -> StoredWeight:
@@ -594,6 +602,12 @@ def _swap_in(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     old.replace_all_uses_with(new)
     if old.name in graph.initializers and not old.uses():
         del graph.initializers[old.name]
+
+
+def _flat_table(book: Codebook) -> np.ndarray:
+    """The codebook as `lookup` reads it: [K], or per-channel rows [C, K] laid out flat."""
+    rows = book.values if book.axis in (None, 0) else book.values.T
+    return np.ascontiguousarray(rows).reshape(-1)
 
 
 class _Writer:
@@ -724,8 +738,28 @@ class _Writer:
         return outputs[: len(sizes)]
 
     # -- per weight --
-    def lookup(self, flat: ir.Value, array: np.ndarray, encoding: Encoding) -> ir.Value:
-        """The dense weight from its flat slice: reshape, then codebook lookup for codes.
+    def half_tables(self, encodings: Sequence[Encoding]) -> dict[int, ir.Value]:
+        """Codebooks that float16 holds exactly, stored as one float16 tensor, Cast and Split
+        (by `id` of their encoding); none when that would not be smaller. Still exact: only
+        tables a lossy pass already rounded to float16 qualify."""
+        chosen = [
+            (e, _flat_table(e.codebook))
+            for e in encodings
+            if e.codebook is not None and _half_exact(_flat_table(e.codebook))
+        ]
+        sizes = [t.size for _, t in chosen]
+        if half_bytes_saved(sizes) <= 0:
+            return {}
+        stored = self.const(np.concatenate([t for _, t in chosen]).astype(np.float16))
+        (wide,) = self.op("Cast", [stored], to=int(ir.DataType.FLOAT))
+        pieces = self.split(wide, sizes, 0, padded=sum(sizes))
+        return {id(e): piece for (e, _), piece in zip(chosen, pieces, strict=True)}
+
+    def lookup(
+        self, flat: ir.Value, array: np.ndarray, encoding: Encoding, table: ir.Value | None = None
+    ) -> ir.Value:
+        """The dense weight from its flat slice: reshape, then codebook lookup for codes
+        (from `table` where `half_tables` stored the codebook, else a float constant).
 
         Per-channel tables are stored flat, row c at c*K; each code gets its row's offset
         added (a broadcast [C, 1] or [1, C] constant) before one Gather.
@@ -734,12 +768,12 @@ class _Writer:
         if encoding.kind == SPARSE:
             return self.op("Reshape", [flat, self.const(shape)])[0]
         book = encoding.codebook
+        if table is None:
+            table = self.const(_flat_table(book).astype(array.dtype))
         if book.axis is None:
-            table = self.const(book.values.astype(array.dtype))
             (codes,) = self.op("Reshape", [flat, self.const(shape)])
             return self.op("Gather", [table, codes])[0]
         rows = book.values if book.axis == 0 else book.values.T  # [C, K]
-        table = self.const(rows.astype(array.dtype).reshape(-1))
         offsets = np.arange(rows.shape[0], dtype=np.int32) * rows.shape[1]
         if book.axis == -1:  # codes [M, C]: channel offsets along the last axis
             (codes,) = self.op("Reshape", [flat, self.const(shape)])

@@ -87,8 +87,19 @@ def test_expanded_weights_equal_the_codebook_lookup_exactly() -> None:
     model = _mlp()
     original = model.graph.initializers["w1"].const_value.numpy()
     table = share_kmeans(original, 3, "linear", 0, None)
-    _apply(WeightSharing(3, min_params=1), model)
+    _apply(WeightSharing(3, min_params=1, half_biases=False), model)
     np.testing.assert_array_equal(_weights(model)["fc1"], table.values.astype(np.float32)[table.codes])
+
+
+def test_codebooks_are_stored_as_float16_and_the_lookup_stays_exact() -> None:
+    model = _mlp()
+    original = model.graph.initializers["w1"].const_value.numpy()
+    table = share_kmeans(original, 3, "linear", 0, None)
+    record = _apply(WeightSharing(3, min_params=1), model)
+    halves = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT16]
+    assert len(halves) == 1 and any("rounded to float16" in n for n in record.notes)
+    stored = table.values.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(_weights(model)["fc1"], stored[table.codes])
 
 
 def test_small_layers_and_excluded_layers_are_skipped_with_a_reason() -> None:
