@@ -907,6 +907,23 @@ def pack_half(model: ir.Model, values: Iterable[ir.Value]) -> list[ir.Value]:
     return [v for v, _ in chosen]
 
 
+def pack_exact_half(model: ir.Model) -> list[ir.Value]:
+    """`pack_half` for the float32 vectors float16 holds exactly: lossless, so any pass may
+    call it. A lossy pass's float16 biases come back as float32 from a step that folds
+    constants (onnxruntime's quantizer pre-processing does)."""
+    exact = [
+        value
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+        and value.const_value.dtype == ir.DataType.FLOAT
+        and len(value.const_value.shape) == 1
+        # Quantization parameters stay plain initializers, as onnxruntime's fusions expect.
+        and not any(use.node.op_type in ("QuantizeLinear", "DequantizeLinear") for use in value.uses())
+        and _half_exact(value.const_value.numpy())
+    ]
+    return pack_half(model, exact)
+
+
 # ----- hashed weights (Chen et al. 2015) --------------------------------------------------------
 
 HASH_PRIME = 2_147_483_647  # 2**31 - 1: a*i stays below 2**62 for every index of a < 2**31-element stream

@@ -366,3 +366,17 @@ def test_half_biases_only_when_smaller_and_only_plain_float32_vectors() -> None:
     kept = storage.pack_half(huge, list(huge.graph.initializers[f"b{i}"] for i in range(2)))
     assert [v.name for v in kept] == ["b1"]  # 1e6 is beyond float16's range
     assert "b0" in huge.graph.initializers
+
+
+def test_exact_half_packs_only_vectors_float16_holds_exactly() -> None:
+    exact = [RNG.standard_normal(n).astype(np.float16).astype(np.float32) for n in (32, 48)]
+    inexact = RNG.standard_normal(40).astype(np.float32) + np.float32(1e-4)
+    model = _biased_convs([*exact, inexact])
+    zero = {"x": np.zeros((1, 4, 5, 5), np.float32)}
+    before = runtime.run_model(model, [zero])
+    packed = storage.pack_exact_half(model)
+    assert sorted(v.name for v in packed) == ["b0", "b1"]
+    assert "b2" in model.graph.initializers
+    after = runtime.run_model(model, [zero])
+    for name in before:  # lossless
+        np.testing.assert_array_equal(before[name], after[name])

@@ -155,6 +155,12 @@ class Quantize(CompressionPass):
             if coded.layers:
                 coded.store_again(result)
                 record.notes.append(f"{len(coded.layers)} layer(s) kept the codes an earlier pass stored")
+            halved = storage.pack_exact_half(result)
+            if halved:
+                record.notes.append(
+                    f"{len(halved)} float32 vector(s) that hold float16 values exactly (biases an earlier "
+                    "pass rounded) stored as float16 again"
+                )
         _install(model, result)
 
     def _static_options(self) -> StaticOptions:
