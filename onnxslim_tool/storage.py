@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -170,42 +169,53 @@ def _codebooks(array: np.ndarray) -> Iterator[Codebook]:
 
 
 def _tensor_codebook(flat: np.ndarray, zero_first: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    values, codes = np.unique(flat, return_inverse=True)
+    values = np.unique(flat)
     if values.size > MAX_CODEBOOK:
         return None
+    codes = code_of(flat, values)
     if zero_first:
         values, codes = _move_zero_first(values, codes)
-    return values, codes.astype(np.int64)
+    return values, codes
+
+
+_CHUNK = 1 << 20  # elements per step where a whole-tensor int64 temporary would not fit
+
+
+def code_of(flat: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """uint8 index of each element of `flat` in the sorted `values` (<= 256 of them, all
+    present), a chunk at a time: np.unique's int64 inverse of a 100M-weight layer is 800 MB."""
+    codes = np.empty(flat.shape, dtype=np.uint8)
+    for start in range(0, flat.size, _CHUNK):
+        codes[start : start + _CHUNK] = np.searchsorted(values, flat[start : start + _CHUNK])
+    return codes
 
 
 def _row_codebooks(rows: np.ndarray, zero_first: bool) -> tuple[np.ndarray, np.ndarray] | None:
     """[C, K] codebooks (rows padded with zeros) and [C, M] codes, or None if a row is too diverse."""
-    ordered = np.sort(rows, axis=1)
-    distinct = 1 + np.count_nonzero(np.diff(ordered, axis=1), axis=1)
-    if zero_first:  # every row gets a 0.0 entry at code 0, present in the row or not
-        distinct = distinct + ~(rows == 0).any(axis=1)
-    if distinct.max() > MAX_CODEBOOK:
-        return None
-    width = 2 ** bits_for(int(distinct.max()))
-    books = np.zeros((rows.shape[0], width), dtype=rows.dtype)
-    codes = np.empty(rows.shape, dtype=np.int64)
-    for r, row in enumerate(rows):
-        values, row_codes = np.unique(row, return_inverse=True)
+    tables = []
+    codes = np.empty(rows.shape, dtype=np.uint8)
+    for r, row in enumerate(rows):  # row by row: no sorted copy of the whole tensor
+        values = np.unique(row)
+        if zero_first and not (values == 0).any():  # every row gets 0.0 at code 0
+            values = np.concatenate([[0], values]).astype(rows.dtype)
+        if values.size > MAX_CODEBOOK:
+            return None
+        row_codes = code_of(row, values)
         if zero_first:
-            if not (values == 0).any():
-                values, row_codes = np.concatenate([[0], values]).astype(rows.dtype), row_codes + 1
             values, row_codes = _move_zero_first(values, row_codes)
-        books[r, : values.size] = values
+        tables.append(values)
         codes[r] = row_codes
-    if books.shape[1] > MAX_CODEBOOK:
-        return None
+    width = 2 ** bits_for(max(t.size for t in tables))
+    books = np.zeros((rows.shape[0], width), dtype=rows.dtype)
+    for r, values in enumerate(tables):
+        books[r, : values.size] = values
     return books, codes
 
 
 def _move_zero_first(values: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     zero = int(np.flatnonzero(values == 0)[0])
     order = np.concatenate([[zero], np.delete(np.arange(values.size), zero)])
-    remap = np.empty_like(order)
+    remap = np.empty(order.size, dtype=codes.dtype)
     remap[order] = np.arange(order.size)
     return values[order], remap[codes]
 
@@ -230,18 +240,22 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     bytes: [1, n]; fields: [ceil(n*b/8), 1], code j of a byte in bits b*j..b*j+b-1;
     planes: [b, ceil(n/8), 1], plane p holding bit p of each code, LSB first.
     """
-    flat = np.asarray(codes, dtype=np.int64).ravel()
+    # uint8 throughout (codes < 256): int64 bit-planes of a 100M-weight layer took 5 GB.
+    flat = np.asarray(codes).ravel().astype(np.uint8, copy=False)
     kind = layout(bits)
     if kind == "bytes":
-        return flat.astype(np.uint8).reshape(1, -1)
+        return flat.reshape(1, -1)
     if kind == "fields":
         per_byte = 8 // bits
-        padded = np.zeros(expanded_length(flat.size, bits), dtype=np.int64)
+        padded = np.zeros(expanded_length(flat.size, bits), dtype=np.uint8)
         padded[: flat.size] = flat
-        shifts = bits * np.arange(per_byte)
-        return (padded.reshape(-1, per_byte) << shifts).sum(axis=1).astype(np.uint8).reshape(-1, 1)
-    planes = ((flat[None, :] >> np.arange(bits)[:, None]) & 1).astype(np.uint8)
-    return np.packbits(planes, axis=1, bitorder="little")[:, :, None]
+        fields = padded.reshape(-1, per_byte)
+        stream = np.zeros(fields.shape[0], dtype=np.uint8)
+        for j in range(per_byte):  # disjoint bit fields: or-ing them is their sum
+            stream |= fields[:, j] << np.uint8(bits * j)
+        return stream.reshape(-1, 1)
+    planes = [np.packbits((flat >> np.uint8(p)) & np.uint8(1), bitorder="little") for p in range(bits)]
+    return np.stack(planes)[:, :, None]
 
 
 def unpack_codes(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -294,18 +308,23 @@ def huffman_estimate(array: np.ndarray) -> int:
     flat = array.ravel()
     item = array.dtype.itemsize
     options = [flat.size * item]
-    nonzero = np.flatnonzero(flat)
-    gaps = np.diff(np.concatenate([[-1], nonzero])) - 1
-    fillers = int((gaps // 256).sum())
-    gap_bits = huffman_bits(Counter((gaps % 256).tolist()).values()) + 8 * fillers
-    books = list(_codebooks(array)) if array.dtype.kind == "f" and np.isfinite(array).all() else []
-    for book in books:
+    sparse = flat.size > 0 and not flat.all()
+    nonzero = np.flatnonzero(flat) if sparse else None
+    gap_bits = fillers = 0
+    if sparse:
+        # Histograms, not Python lists: a list of a 100M-weight layer's gaps took ~9 GB.
+        gaps = np.diff(nonzero, prepend=-1) - 1
+        fillers = int((gaps // 256).sum())
+        gap_bits = huffman_bits(np.bincount(gaps % 256, minlength=256).tolist()) + 8 * fillers
+        del gaps
+    books = _codebooks(array) if array.dtype.kind == "f" and np.isfinite(array).all() else ()
+    for book in books:  # one at a time: each holds codes as large as the weight
         codes = book.codes.ravel()
-        options.append(_ceil_div(huffman_bits(np.bincount(codes)), 8) + book.values.nbytes)
-        if nonzero.size < flat.size:
-            nz_bits = huffman_bits(np.bincount(codes[nonzero])) if nonzero.size else 0
+        options.append(_ceil_div(huffman_bits(np.bincount(codes).tolist()), 8) + book.values.nbytes)
+        if sparse:
+            nz_bits = huffman_bits(np.bincount(codes[nonzero]).tolist()) if nonzero.size else 0
             options.append(_ceil_div(gap_bits + nz_bits, 8) + book.values.nbytes)
-    if nonzero.size < flat.size:
+    if sparse:
         options.append(_ceil_div(gap_bits, 8) + (nonzero.size + fillers) * item)
     return int(min(options))
 

@@ -53,6 +53,7 @@ METHODS = ("kmeans", "hash", "ternary", "pow2")
 TERNARY_THRESHOLD = 0.7  # x mean |w|: TWN's approximation of the optimal threshold
 INITS = ("linear", "density", "random", "kmeans++")
 MINIBATCH_ABOVE = 65_536  # weights per fit above which mini-batch k-means is used
+_NEAREST_CHUNK = 1 << 20  # weights per step of the nearest-centroid search
 # Biases and shared values go float16 when that rounding is at most this share of the weight's
 # sharing error.
 HALF_BIAS_SHARE = 0.01
@@ -379,9 +380,9 @@ def _fit_table(flat: np.ndarray, k: int, init: str, seed: int, dtype) -> tuple[n
     nonzero = flat != 0
     centroids = fit_centroids(flat[nonzero], k - 1, init, seed, dtype) if nonzero.any() else np.zeros(0)
     values = np.concatenate([[0.0], centroids])
-    codes = np.zeros(flat.shape, dtype=np.int64)
+    codes = np.zeros(flat.shape, dtype=np.uint8)
     if centroids.size:
-        codes[nonzero] = 1 + nearest(flat[nonzero], centroids)
+        codes[nonzero] = nearest(flat[nonzero], centroids) + 1
     return values, codes, True
 
 
@@ -395,18 +396,19 @@ def fit_centroids(values: np.ndarray, k: int, init: str, seed: int, dtype=np.flo
     distinct = np.unique(values)
     if distinct.size <= k:
         return distinct.astype(np.float64)
-    x = values.astype(np.float64).reshape(-1, 1)
-    start = _initial_centroids(x.ravel(), distinct, k, init, seed)
+    start = _initial_centroids(values, distinct, k, init, seed)
     kwargs = {"n_clusters": k, "init": start, "n_init": 1, "random_state": seed}
     # One thread: 1-D fits of <= 64K points take well under a second on one core, while
     # OpenMP threads on a busy machine made the same fit 25x slower (measured: 0.34 s vs 8.5 s).
     with threadpool_limits(1):
-        if x.shape[0] > MINIBATCH_ABOVE:
-            sample = np.random.default_rng(seed).choice(x.shape[0], MINIBATCH_ABOVE, replace=False)
+        if values.size > MINIBATCH_ABOVE:
+            sample = np.random.default_rng(seed).choice(values.size, MINIBATCH_ABOVE, replace=False)
+            # Only the sample in float64: a copy of a 100M-weight layer would be 800 MB.
+            x = values.ravel()[sample].astype(np.float64).reshape(-1, 1)
             batch = MiniBatchKMeans(batch_size=4096, max_iter=20, compute_labels=False, **kwargs)
-            model = batch.fit(x[sample])
+            model = batch.fit(x)
         else:
-            model = KMeans(max_iter=300, **kwargs).fit(x)
+            model = KMeans(max_iter=300, **kwargs).fit(values.astype(np.float64).reshape(-1, 1))
     return np.unique(model.cluster_centers_.ravel().astype(dtype)).astype(np.float64)
 
 
@@ -414,9 +416,9 @@ def _initial_centroids(x: np.ndarray, distinct: np.ndarray, k: int, init: str, s
     if init == "kmeans++":
         return "k-means++"
     if init == "linear":  # Deep Compression: evenly spaced between min and max
-        start = np.linspace(x.min(), x.max(), k)
+        start = np.linspace(float(distinct[0]), float(distinct[-1]), k)
     elif init == "density":  # evenly spaced on the weights' CDF
-        start = np.quantile(x, np.linspace(0.0, 1.0, k))
+        start = np.quantile(x.astype(np.float64), np.linspace(0.0, 1.0, k))
     else:  # Forgy: k distinct weights at random
         start = np.random.default_rng(seed).choice(distinct, k, replace=False)
     start = np.unique(start)
@@ -427,10 +429,18 @@ def _initial_centroids(x: np.ndarray, distinct: np.ndarray, k: int, init: str, s
 
 def nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest of the sorted `centroids` for each value (midpoint search)."""
+    dtype = np.uint8 if centroids.size <= 256 else np.int64
+    codes = np.zeros(values.shape, dtype=dtype)
     if centroids.size == 1:
-        return np.zeros(values.shape, dtype=np.int64)
+        return codes
     midpoints = (centroids[1:] + centroids[:-1]) / 2
-    return np.searchsorted(midpoints, values.astype(np.float64)).astype(np.int64)
+    flat = values.reshape(-1)
+    out = codes.reshape(-1)
+    for start in range(0, flat.size, _NEAREST_CHUNK):  # no float64 copy of a huge layer at once
+        out[start : start + _NEAREST_CHUNK] = np.searchsorted(
+            midpoints, flat[start : start + _NEAREST_CHUNK].astype(np.float64)
+        )
+    return codes
 
 
 def _relative_error(original: np.ndarray, shared: np.ndarray) -> float:
@@ -657,7 +667,7 @@ class _Normal:
     def __init__(self, table: SharedTable, original: np.ndarray, view: LinearView) -> None:
         self.codes = view.to_rows(table.codes)  # [out, in_per_group]
         self.signs = None if table.signs is None else view.to_rows(table.signs)
-        self.weights = view.to_rows(original).astype(np.float64)
+        self.weights = view.to_rows(original)  # float64 a chunk at a time (a copy would be 2x)
         self.per_channel = table.axis is not None
         self.k = table.values.shape[-1]
         tables = self.codes.shape[0] if self.per_channel else 1
@@ -669,7 +679,9 @@ class _Normal:
     def add(self, patches: list[np.ndarray]) -> None:
         for g, patch in enumerate(patches):
             outputs = np.arange(g * self.group_size, (g + 1) * self.group_size)
-            step = max(1, _CHUNK_ELEMENTS // max(1, patch.shape[0] * self.k))
+            # Bounds both the design block (rows x outputs x K) and the chunk's sparse basis
+            # (outputs x inputs, with int64 indices): VGG19's fc6 is 4096 x 25088.
+            step = max(1, _CHUNK_ELEMENTS // max(1, patch.shape[0] * self.k, self.codes.shape[1]))
             for start in range(0, outputs.size, step):
                 for half in (0, 1):  # alternate rows: samples for a Gemm, positions for a Conv
                     self._accumulate(half, outputs[start : start + step], patch[half::2])
@@ -683,7 +695,7 @@ class _Normal:
         rows = np.tile(np.arange(codes.shape[1]), chunk.size)
         basis = sparse.csr_matrix((signs.ravel(), (rows, cols)), shape=(codes.shape[1], chunk.size * self.k))
         design = np.asarray((basis.T @ patch.T).T).reshape(patch.shape[0], chunk.size, self.k)
-        target = patch @ self.weights[chunk].T  # [rows, o]
+        target = patch @ self.weights[chunk].astype(np.float64).T  # [rows, o]
         gram = np.einsum("rok,rol->okl", design, design)
         rhs = np.einsum("rok,ro->ok", design, target)
         energy = (target**2).sum(axis=0)
