@@ -392,8 +392,8 @@ def reconstruct(model: ir.Model, calibration, targets, originals, masks, *, seed
         rng = np.random.default_rng(seed)
         name = view.input_name
         pairs = zip(
-            runtime.stream_tensors(model, [name], feeds),
-            runtime.stream_tensors(reference, [name], feeds),
+            runtime.stream_tensors(model, [name], feeds, prune=True),
+            runtime.stream_tensors(reference, [name], feeds, prune=True),
             strict=True,
         )
         for current, before in pairs:
