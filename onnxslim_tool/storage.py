@@ -53,11 +53,17 @@ MAX_CODEBOOK = 256  # codes are at most 8 bits
 # Bytes a packed weight costs beyond its tensors (its Reshape/Gather nodes and shape constant):
 # packing a weight must beat its dense size by more than this.
 PER_WEIGHT_OVERHEAD = 48
+# Streams of at least this many codes expand in uint8 (BitShift, Mod; planes by MatMulInteger)
+# rather than int32: onnxruntime keeps every folded intermediate until the session is built,
+# and int32 bit-planes of VGG19's 6-bit fc6 took 19x the layer's float size to load. Smaller
+# streams keep the int32 form, a few bytes shorter (no BitShift direction attribute).
+NARROW_ABOVE = 1 << 20
 
 # Ops of the expansion subgraphs `pack` writes; `unpack` evaluates only subgraphs made of them.
 EXPANSION_OPS = frozenset(
     {
-        "BitShift",  # files written before the Div/Mod expansion
+        "BitShift",  # large streams (uint8 arithmetic), and files written before Div/Mod
+        "MatMulInteger",  # bit-planes of large streams
         "Mod",
         "Cast",
         "Reshape",
@@ -694,14 +700,25 @@ class _Writer:
             shifts, modulus, rows = bits * np.arange(8 // bits), 1 << bits, 1
         else:
             shifts, modulus, rows = np.arange(8), 2, bits
-        fields = self._fields(stream, shifts, modulus)
+        count = int(np.asarray(codes).size)
+        narrow = count >= NARROW_ABOVE and self.opset >= 11  # BitShift: opset 11
+        expand = self._narrow_fields if narrow else self._fields
+        fields = expand(stream, shifts, modulus)
         # The exact length, not -1: a varint -1 takes 10 bytes.
-        length = expanded_length(int(np.asarray(codes).size), bits)
+        length = expanded_length(count, bits)
         (flat,) = self.op("Reshape", [fields, self.const(np.array([rows, length], dtype=np.int64))])
         if kind == "fields":
-            return flat
+            return self.op("Cast", [flat], to=int(ir.DataType.INT32))[0] if narrow else flat
+        if narrow:  # uint8 planes summed straight into int32: no int32 copy of every plane
+            weights = self.const((1 << np.arange(bits, dtype=np.uint8)).reshape(1, bits))
+            return self.op("MatMulInteger", [weights, flat])[0]
         weights = self.const((1 << np.arange(bits, dtype=np.int32)).reshape(1, bits))
         return self.op("MatMul", [weights, flat])[0]
+
+    def _narrow_fields(self, stream: ir.Value, shifts: np.ndarray, modulus: int) -> ir.Value:
+        """uint8 (byte >> shift) % modulus: one byte per field where `_fields` takes four."""
+        (shifted,) = self.op("BitShift", [stream, self.const(shifts.astype(np.uint8))], direction="RIGHT")
+        return self.op("Mod", [shifted, self.const(np.array(modulus, dtype=np.uint8))])[0]
 
     def _fields(self, stream: ir.Value, shifts: np.ndarray, modulus: int) -> ir.Value:
         """int32 (byte >> shift) % modulus for every byte and shift (broadcast on the last axis).

@@ -160,8 +160,14 @@ def test_zero_gets_code_zero_when_present() -> None:
     ("conv_values", "fc_values", "zeros"),
     [(16, 16, 0.0), (4, 256, 0.0), (8, 3, 0.6), (2, 32, 0.3), (0, 0, 0.7)],
 )
-def test_expanded_weights_equal_the_codebook_lookup(conv_values: int, fc_values: int, zeros: float) -> None:
-    """Whatever encoding is chosen, onnxruntime rebuilds every weight bit for bit."""
+@pytest.mark.parametrize("narrow", [False, True], ids=["int32", "uint8"])
+def test_expanded_weights_equal_the_codebook_lookup(
+    conv_values: int, fc_values: int, zeros: float, narrow: bool, monkeypatch
+) -> None:
+    """Whatever encoding is chosen, onnxruntime rebuilds every weight bit for bit, with the
+    int32 expansion of small streams and the uint8 one of large streams alike."""
+    if narrow:
+        monkeypatch.setattr(storage, "NARROW_ABOVE", 0)
     if conv_values:
         conv_w = _with_values((8, 4, 3, 3), conv_values, zeros, seed=1)
         fc_w = _with_values((5, 288), fc_values, zeros, seed=2)
@@ -380,3 +386,23 @@ def test_exact_half_packs_only_vectors_float16_holds_exactly() -> None:
     after = runtime.run_model(model, [zero])
     for name in before:  # lossless
         np.testing.assert_array_equal(before[name], after[name])
+
+
+@pytest.mark.parametrize("bits_values", [8, 16, 64], ids=["3-bit planes", "4-bit fields", "6-bit planes"])
+def test_large_streams_expand_in_uint8_are_not_taken_for_quantized_and_repack_the_same(
+    bits_values: int, monkeypatch
+) -> None:
+    from onnxslim_tool.quantization.detect import is_quantized
+
+    monkeypatch.setattr(storage, "NARROW_ABOVE", 0)
+    fc = _with_values((5, 288), bits_values, seed=4)
+    model = _conv_gemm_model(_with_values((8, 4, 3, 3), 4, seed=3), fc)
+    _pack_all(model)
+    ops = {n.op_type for n in model.graph}
+    assert "BitShift" in ops and "Div" not in ops
+    assert is_quantized(model) is None
+    size, weights = io.serialized_size(model), _expanded_weights(model)
+    storage.pack(model, storage.unpack(model))
+    assert io.serialized_size(model) == size
+    for name, array in _expanded_weights(model).items():
+        np.testing.assert_array_equal(array, weights[name])

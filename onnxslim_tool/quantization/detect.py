@@ -36,11 +36,27 @@ def quantized_ops(model: ir.Model) -> Counter[str]:
     found: Counter[str] = Counter()
     for graph in model.graphs():
         for node in graph:
+            if _unpacks_codes(node):
+                continue
             if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
                 found[node.op_type] += 1
             elif _casts_low_bit_weights(node):
                 found["Cast of int8 weights"] += 1
     return found
+
+
+def _unpacks_codes(node: ir.Node) -> bool:
+    """storage.py's bit-planes of a large code stream, summed by a MatMulInteger whose first
+    input is a constant row of powers of two; a quantized MatMulInteger reads activations there."""
+    if node.op_type != "MatMulInteger" or not node.inputs or node.inputs[0] is None:
+        return False
+    row = node.inputs[0]
+    return (
+        row.is_initializer()
+        and row.const_value is not None
+        and len(row.const_value.shape) == 2
+        and (row.const_value.shape[0] == 1)
+    )
 
 
 def _casts_low_bit_weights(node: ir.Node) -> bool:
