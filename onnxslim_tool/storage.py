@@ -34,6 +34,7 @@ bit-planes, plane p holding bit p of every code, least significant bit first.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -58,6 +59,7 @@ PER_WEIGHT_OVERHEAD = 48
 # and int32 bit-planes of VGG19's 6-bit fc6 took 19x the layer's float size to load. Smaller
 # streams keep the int32 form, a few bytes shorter (no BitShift direction attribute).
 NARROW_ABOVE = 1 << 20
+NARROW_MIN_OPSET = 11  # BitShift
 
 # Ops of the expansion subgraphs `pack` writes; `unpack` evaluates only subgraphs made of them.
 EXPANSION_OPS = frozenset(
@@ -583,13 +585,18 @@ def pack(model: ir.Model, values: Iterable[ir.Value]) -> list[StoredWeight]:
         return [_stored(v, Encoding(DENSE, 0), dense=True) for v in _unique(values)]
     sparse = can_pack(model, sparse=True) is None
     writer = _Writer(graph, _opset(model))
-    groups: dict[tuple[str, int], list[tuple[ir.Value, np.ndarray, Encoding]]] = {}
-    report = []
+    chosen = []
     for value in _unique(values):
         array = value.const_value.numpy()
         # An initializer that is also a graph input can be overridden at run time: keep it.
         overridable = value.is_graph_input() or value.is_graph_output()
         encoding = Encoding(DENSE, array.nbytes) if overridable else choose_encoding(array, sparse)
+        chosen.append((value, array, encoding))
+    if writer.opset < NARROW_MIN_OPSET:
+        chosen = _bytes_for_large_streams(chosen)
+    groups: dict[tuple[str, int], list[tuple[ir.Value, np.ndarray, Encoding]]] = {}
+    report = []
+    for value, array, encoding in chosen:
         report.append(_stored(value, encoding, dense=encoding.kind == DENSE))
         if encoding.kind != DENSE:
             groups.setdefault((encoding.kind, encoding.bits), []).append((value, array, encoding))
@@ -608,6 +615,24 @@ def _half_exact(values: np.ndarray) -> bool:
     if values.dtype != np.float32 or not np.isfinite(values).all() or np.abs(values).max() > HALF_MAX:
         return False
     return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
+
+
+def _bytes_for_large_streams(chosen: list[tuple[ir.Value, np.ndarray, Encoding]]) -> list:
+    """Before opset 11 (no uint8 BitShift), a stream of `NARROW_ABOVE` or more sub-byte codes
+    is written a byte per code: its int32 expansion would take up to 19x the layer's float size
+    while onnxruntime builds the session, the byte form 2x, for a file up to 8/b larger."""
+    totals: dict[int, int] = {}
+    for _, array, encoding in chosen:
+        if encoding.kind == CODES and layout(encoding.bits) != "bytes":
+            totals[encoding.bits] = totals.get(encoding.bits, 0) + array.size
+    wide = {bits for bits, total in totals.items() if total >= NARROW_ABOVE}
+    out = []
+    for value, array, encoding in chosen:
+        if encoding.kind == CODES and encoding.bits in wide:
+            book = dataclasses.replace(encoding.codebook, bits=8)
+            encoding = Encoding(CODES, array.size + book.values.nbytes, book)
+        out.append((value, array, encoding))
+    return out
 
 
 def _stored(value: ir.Value, encoding: Encoding, *, dense: bool) -> StoredWeight:
@@ -701,7 +726,7 @@ class _Writer:
         else:
             shifts, modulus, rows = np.arange(8), 2, bits
         count = int(np.asarray(codes).size)
-        narrow = count >= NARROW_ABOVE and self.opset >= 11  # BitShift: opset 11
+        narrow = count >= NARROW_ABOVE and self.opset >= NARROW_MIN_OPSET
         expand = self._narrow_fields if narrow else self._fields
         fields = expand(stream, shifts, modulus)
         # The exact length, not -1: a varint -1 takes 10 bytes.

@@ -282,6 +282,20 @@ def test_old_opsets_get_codes_expanded_with_integer_division_but_no_masks() -> N
     assert storage.can_pack(_conv_gemm_model(codes_w, pruned_w, opset=6)) is not None
 
 
+def test_old_opsets_write_large_sub_byte_streams_a_byte_per_code(monkeypatch) -> None:
+    """Before opset 11 a large stream's expansion would be int32 throughout: bytes instead."""
+    monkeypatch.setattr(storage, "NARROW_ABOVE", 1000)
+    conv_w, fc_w = _with_values((8, 4, 3, 3), 4, seed=12), _with_values((5, 288), 40, seed=13)
+    model = _conv_gemm_model(conv_w, fc_w, opset=9)
+    stored = {s.name: s for s in _pack_all(model)}
+    assert stored["fw"].encoding == "codes (8-bit, per-tensor codebook)"  # 6-bit codes, 1440 > 1000
+    assert stored["fw"].written_bytes == 1440 + 40 * 4
+    assert stored["cw"].encoding == "codes (2-bit, per-tensor codebook)"  # 288 codes: small stream
+    expanded = _expanded_weights(model)
+    np.testing.assert_array_equal(expanded["conv"], conv_w)
+    np.testing.assert_array_equal(expanded["fc"], fc_w)
+
+
 def test_storage_report_gives_written_bytes_and_a_huffman_estimate() -> None:
     model = _conv_gemm_model(_with_values((8, 4, 3, 3), 16, seed=9), _with_values((5, 288), 4, 0.8, seed=10))
     _pack_all(model)
