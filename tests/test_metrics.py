@@ -48,3 +48,16 @@ def test_nonfinite_values_the_reference_already_had_are_not_blamed():
     assert fid.finite and fid.cosine == pytest.approx(1.0) and fid.max_abs_error == 0.0
     worse = np.array([[1.0, np.nan, np.inf]], np.float32)
     assert not metrics.compare_output("y", ref, worse).finite
+
+
+def test_unit_norm_rows_are_embeddings_not_class_scores():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 10)).astype(np.float32)
+    assert metrics.looks_like_class_scores(logits)
+    embeddings = logits / np.linalg.norm(logits, axis=1, keepdims=True)
+    assert not metrics.looks_like_class_scores(embeddings)
+    # no top-1 agreement for embeddings: the gate falls back to output cosine
+    fid = metrics.compare_output("e", embeddings, embeddings + 0.01)
+    assert fid.top1_agreement is None and fid.cosine > 0.99
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # rows sum to 1, not unit L2
+    assert metrics.looks_like_class_scores(probabilities)
