@@ -808,13 +808,17 @@ class _Writer:
             for e in encodings
             if e.codebook is not None and _half_exact(_flat_table(e.codebook))
         ]
-        sizes = [t.size for _, t in chosen]
-        if half_bytes_saved(sizes) <= 0:
+        if half_bytes_saved([t.size for _, t in chosen]) <= 0:
             return {}
-        stored = self.const(np.concatenate([t for _, t in chosen]).astype(np.float16))
-        (wide,) = self.op("Cast", [stored], to=int(ir.DataType.FLOAT))
-        pieces = self.split(wide, sizes, 0, padded=sum(sizes))
+        pieces = self.half_stream([t for _, t in chosen])
         return {id(e): piece for (e, _), piece in zip(chosen, pieces, strict=True)}
+
+    def half_stream(self, vectors: Sequence[np.ndarray]) -> list[ir.Value]:
+        """The vectors as one float16 tensor, cast to float32 and split back in-graph."""
+        sizes = [v.size for v in vectors]
+        stored = self.const(np.concatenate(vectors).astype(np.float16))
+        (wide,) = self.op("Cast", [stored], to=int(ir.DataType.FLOAT))
+        return self.split(wide, sizes, 0, padded=sum(sizes))
 
     def lookup(
         self, flat: ir.Value, array: np.ndarray, encoding: Encoding, table: ir.Value | None = None
@@ -958,10 +962,7 @@ def pack_half(model: ir.Model, values: Iterable[ir.Value]) -> list[ir.Value]:
     if half_bytes_saved([a.size for _, a in chosen]) <= 0 or _opset(model) is None:
         return []
     writer = _Writer(model.graph, _opset(model))
-    stored = writer.const(np.concatenate([a for _, a in chosen]).astype(np.float16))
-    (wide,) = writer.op("Cast", [stored], to=int(ir.DataType.FLOAT))
-    sizes = [a.size for _, a in chosen]
-    pieces = writer.split(wide, sizes, 0, padded=sum(sizes))
+    pieces = writer.half_stream([a for _, a in chosen])
     for (value, _), piece in zip(chosen, pieces, strict=True):
         _swap_in(model.graph, value, piece)
     writer.commit()
