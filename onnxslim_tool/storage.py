@@ -190,8 +190,9 @@ _CHUNK = 1 << 20  # elements per step where a whole-tensor int64 temporary would
 
 
 def code_of(flat: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """uint8 index of each element of `flat` in the sorted `values` (<= 256 of them, all
-    present), a chunk at a time: np.unique's int64 inverse of a 100M-weight layer is 800 MB."""
+    """uint8 `np.searchsorted(values, flat)` for sorted `values` (<= 256 of them): the index
+    of each element among `values`, a chunk at a time (np.unique's int64 inverse of a
+    100M-weight layer is 800 MB)."""
     codes = np.empty(flat.shape, dtype=np.uint8)
     for start in range(0, flat.size, _CHUNK):
         codes[start : start + _CHUNK] = np.searchsorted(values, flat[start : start + _CHUNK])

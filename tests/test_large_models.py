@@ -79,7 +79,6 @@ def test_weight_sharing_of_a_large_layer_stays_within_a_few_times_its_size(
     # Work is chunked by fixed element counts (MBs); scaled down with the tensors, as the
     # threshold is, so that the multiple measured is the one a 400 MB layer would see.
     monkeypatch.setattr(weight_sharing, "_CHUNK_ELEMENTS", 1 << 16)
-    monkeypatch.setattr(weight_sharing, "_NEAREST_CHUNK", 1 << 14)
     monkeypatch.setattr(storage, "_CHUNK", 1 << 14)
     src = tmp_path / "big.onnx"
     _big_model(src)

@@ -53,7 +53,6 @@ METHODS = ("kmeans", "hash", "ternary", "pow2")
 TERNARY_THRESHOLD = 0.7  # x mean |w|: TWN's approximation of the optimal threshold
 INITS = ("linear", "density", "random", "kmeans++")
 MINIBATCH_ABOVE = 65_536  # weights per fit above which mini-batch k-means is used
-_NEAREST_CHUNK = 1 << 20  # weights per step of the nearest-centroid search
 # Biases and shared values go float16 when that rounding is at most this share of the weight's
 # sharing error.
 HALF_BIAS_SHARE = 0.01
@@ -429,18 +428,12 @@ def _initial_centroids(x: np.ndarray, distinct: np.ndarray, k: int, init: str, s
 
 def nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest of the sorted `centroids` for each value (midpoint search)."""
-    dtype = np.uint8 if centroids.size <= 256 else np.int64
-    codes = np.zeros(values.shape, dtype=dtype)
     if centroids.size == 1:
-        return codes
+        return np.zeros(values.shape, dtype=np.uint8)
     midpoints = (centroids[1:] + centroids[:-1]) / 2
-    flat = values.reshape(-1)
-    out = codes.reshape(-1)
-    for start in range(0, flat.size, _NEAREST_CHUNK):  # no float64 copy of a huge layer at once
-        out[start : start + _NEAREST_CHUNK] = np.searchsorted(
-            midpoints, flat[start : start + _NEAREST_CHUNK].astype(np.float64)
-        )
-    return codes
+    if centroids.size > 256:
+        return np.searchsorted(midpoints, values.astype(np.float64)).astype(np.int64)
+    return storage.code_of(values.reshape(-1), midpoints).reshape(values.shape)
 
 
 def _relative_error(original: np.ndarray, shared: np.ndarray) -> float:
