@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx_ir as ir
 
 # Operators that only appear in quantized graphs (ONNX standard and onnxruntime contrib ops).
@@ -51,11 +52,13 @@ def _unpacks_codes(node: ir.Node) -> bool:
     if node.op_type != "MatMulInteger" or not node.inputs or node.inputs[0] is None:
         return False
     row = node.inputs[0]
+    if not row.is_initializer() or row.const_value is None:
+        return False
+    weights = row.const_value.numpy()
     return (
-        row.is_initializer()
-        and row.const_value is not None
-        and len(row.const_value.shape) == 2
-        and (row.const_value.shape[0] == 1)
+        weights.shape[:1] == (1,)
+        and weights.ndim == 2
+        and (weights[0] == 1 << np.arange(weights.shape[1])).all()
     )
 
 
