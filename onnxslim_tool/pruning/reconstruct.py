@@ -45,8 +45,16 @@ CV_MAX_INPUTS = 2048
 # With this many rows per unknown the default ridge cannot overfit: cross-validation (5 solves
 # and residuals per fold, the bulk of a wide layer's refit time) is skipped.
 CV_ROWS_PER_INPUT = 20
+# Sampled target rows held at once (float32) while the original model's run is shared by
+# a chunk of waves; and the most waves one run serves, bounding the tensors each batch of
+# that run returns.
+TARGET_BYTES = 256 << 20
+MAX_CHUNK_WAVES = 8
 # Inputs per output of one least-squares problem: its Gram matrix takes 8*n^2 bytes (0.5 GB).
 MAX_FIT_INPUTS = 8192
+# Sampled positions of a layer's output: (sample indices, spatial coordinates) as
+# `sample_positions` returns them.
+Positions = tuple[np.ndarray, np.ndarray]
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 
 
@@ -76,6 +84,24 @@ class LinearLayer:
         self, x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator, count: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Sampled inputs [rows, in, taps] and the matching outputs [rows, out] (when `y` given)."""
+        grid = self.input_grid(x.shape) if y is None else self.output_grid(y.shape)
+        at = sample_positions(grid, count, rng)
+        return self.inputs_at(x, at), None if y is None else self.outputs_at(y, at)
+
+    def output_grid(self, y_shape: Sequence[int]) -> tuple[int, ...]:
+        """The grid of output positions rows are sampled from, given the output's shape."""
+        raise NotImplementedError
+
+    def input_grid(self, x_shape: Sequence[int]) -> tuple[int, ...]:
+        """The same grid, computed from the input's shape."""
+        raise NotImplementedError
+
+    def inputs_at(self, x: np.ndarray, at: Positions) -> np.ndarray:
+        """The inputs [rows, in, taps] that make the outputs at positions `at`."""
+        raise NotImplementedError
+
+    def outputs_at(self, y: np.ndarray, at: Positions) -> np.ndarray:
+        """The outputs [rows, out] at positions `at`."""
         raise NotImplementedError
 
     def weight(self) -> np.ndarray:
@@ -101,13 +127,20 @@ class ConvLayer(LinearLayer):
         self._w = node.inputs[1]
         self._b = node.inputs[2] if len(node.inputs) > 2 else None
 
-    def rows(self, x, y, rng, count):
-        geometry = ConvGeometry.of(self.node, self._w.shape, x.shape[2:])
-        out_spatial = geometry.output_spatial(x.shape[2:]) if y is None else y.shape[2:]
-        samples, coords = sample_positions((x.shape[0], *out_spatial), count, rng)
-        patches = conv_patches(x, geometry, samples, coords)
-        picked = None if y is None else y[(samples, slice(None), *coords.T)]
-        return patches, picked
+    def output_grid(self, y_shape):
+        return (y_shape[0], *y_shape[2:])
+
+    def input_grid(self, x_shape):
+        geometry = ConvGeometry.of(self.node, self._w.shape, x_shape[2:])
+        return (x_shape[0], *geometry.output_spatial(x_shape[2:]))
+
+    def inputs_at(self, x, at):
+        samples, coords = at
+        return conv_patches(x, ConvGeometry.of(self.node, self._w.shape, x.shape[2:]), samples, coords)
+
+    def outputs_at(self, y, at):
+        samples, coords = at
+        return y[(samples, slice(None), *coords.T)]
 
     def weight(self):
         w = const_array(self._w).astype(np.float64)
@@ -142,9 +175,16 @@ class GemmLayer(LinearLayer):
         self._w = node.inputs[1]
         self._c = node.inputs[2] if len(node.inputs) > 2 else None
 
-    def rows(self, x, y, rng, count):
-        pick = sample_positions((x.shape[0],), count, rng)[0]
-        return x[pick][:, :, None], None if y is None else y[pick]
+    def output_grid(self, y_shape):
+        return (y_shape[0],)
+
+    input_grid = output_grid
+
+    def inputs_at(self, x, at):
+        return x[at[0]][:, :, None]
+
+    def outputs_at(self, y, at):
+        return y[at[0]]
 
     def weight(self):
         b = const_array(self._w).astype(np.float64)
@@ -182,10 +222,16 @@ class MatMulLayer(LinearLayer):
         self._holder = bias_holder
         self.fits_bias = bias_holder is not None
 
-    def rows(self, x, y, rng, count):
-        flat = x.reshape(-1, x.shape[-1])
-        pick = sample_positions((flat.shape[0],), count, rng)[0]
-        return flat[pick][:, :, None], None if y is None else y.reshape(-1, y.shape[-1])[pick]
+    def output_grid(self, y_shape):
+        return (math.prod(y_shape[:-1]),)
+
+    input_grid = output_grid
+
+    def inputs_at(self, x, at):
+        return x.reshape(-1, x.shape[-1])[at[0]][:, :, None]
+
+    def outputs_at(self, y, at):
+        return y.reshape(-1, y.shape[-1])[at[0]]
 
     def weight(self):
         return const_array(self._w).astype(np.float64).T[:, :, None]
@@ -406,6 +452,16 @@ class Refit:
         return f"{verb} {self.layer}: {errors} ({self.rows} rows{ridge})"
 
 
+@dataclass
+class _Pick:
+    """Sampled output positions of one batch (of its fold's `samples`) and the targets there."""
+
+    fold: int
+    samples: np.ndarray | None
+    at: Positions
+    target: np.ndarray
+
+
 class _Problem:
     """The per-group least-squares problems of one layer, fed batch by batch.
 
@@ -439,27 +495,39 @@ class _Problem:
             [FitStats(inputs * taps, self.block_out) for _ in range(layer.groups)] for _ in range(folds)
         ]
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+    def pick(self, y: np.ndarray) -> list[_Pick]:
+        """Sample one batch's output positions (per fold) and keep the target rows there.
+
+        Split from `fill` so the original model's outputs can be read for many layers in one
+        run, long before the pruned model's inputs of the same batch are.
+        """
         if self.folds == 1:
-            self._add(self.stats[0], x, y, self.rows_per_batch)
-            return
+            return [self._pick(0, None, y, self.rows_per_batch)]
         # Whole samples go to one fold, so correlated rows never sit on both sides.
-        fold_of = (self.samples + np.arange(len(x))) % self.folds
-        self.samples += len(x)
+        fold_of = (self.samples + np.arange(len(y))) % self.folds
+        self.samples += len(y)
+        picks = []
         for fold in range(self.folds):
             mine = np.flatnonzero(fold_of == fold)
             if len(mine):
-                rows = max(1, round(self.rows_per_batch * len(mine) / len(x)))
-                self._add(self.stats[fold], x[mine], y[mine], rows)
+                rows = max(1, round(self.rows_per_batch * len(mine) / len(y)))
+                picks.append(self._pick(fold, mine, y[mine], rows))
+        return picks
 
-    def _add(self, stats: list[FitStats], x: np.ndarray, y: np.ndarray, rows: int) -> None:
-        patches, target = self.layer.rows(x, y, self.rng, rows)
-        target = target[:, self.kept]
-        for g, group_stats in enumerate(stats):
-            block = patches[:, g * self.block_in : (g + 1) * self.block_in]
-            group_stats.add(
-                block.reshape(block.shape[0], -1), target[:, g * self.block_out : (g + 1) * self.block_out]
-            )
+    def _pick(self, fold: int, samples: np.ndarray | None, y: np.ndarray, rows: int) -> _Pick:
+        at = sample_positions(self.layer.output_grid(y.shape), rows, self.rng)
+        return _Pick(fold, samples, at, self.layer.outputs_at(y, at)[:, self.kept])
+
+    def fill(self, x: np.ndarray, picks: Sequence[_Pick]) -> None:
+        """Add the batch's inputs at the positions `pick` chose to the statistics."""
+        for pick in picks:
+            patches = self.layer.inputs_at(x if pick.samples is None else x[pick.samples], pick.at)
+            for g, group_stats in enumerate(self.stats[pick.fold]):
+                block = patches[:, g * self.block_in : (g + 1) * self.block_in]
+                group_stats.add(
+                    block.reshape(block.shape[0], -1),
+                    pick.target[:, g * self.block_out : (g + 1) * self.block_out],
+                )
 
     def solve(self, alpha: float | None, min_alpha: float = 0.0) -> Refit:
         w, b = self.layer.weight(), self.layer.bias()
@@ -574,28 +642,60 @@ def refit_layers(
             results.append(Refit(layer.name, math.nan, math.nan, 0, False, reason))
         else:
             pending.append(layer)
+    waves = _waves(pending)
+    while waves:
+        chunk = _chunk(waves, max_rows, kept_outputs)
+        waves = waves[len(chunk) :]
+        problems = [
+            [
+                _Problem(
+                    layer,
+                    _kept(layer, kept_outputs),
+                    seed * 100_003 + index[id(layer)],
+                    rows_per_batch,
+                    _folds(layer, alpha),
+                    restore_spread,
+                )
+                for layer in wave
+            ]
+            for wave in chunk
+        ]
+        # One run of the original serves the whole chunk: the targets never change.
+        every = [problem for wave in problems for problem in wave]
+        targets = runtime.stream_tensors(original, [p.layer.output.name for p in every], feeds, prune=True)
+        picks = [{id(p): p.pick(y[p.layer.output.name]) for p in every} for y in targets]
+        for wave in problems:
+            # The inputs are read again per wave, so each fit sees the upstream refits.
+            inputs = runtime.stream_tensors(pruned, [p.layer.input.name for p in wave], feeds, prune=True)
+            for x_batch, batch_picks in zip(inputs, picks, strict=True):
+                for problem in wave:
+                    problem.fill(x_batch[problem.layer.input.name], batch_picks.pop(id(problem)))
+            results += [problem.solve(alpha, min_alpha) for problem in wave]
+    return results
+
+
+def _waves(layers: Sequence[LinearLayer]) -> list[list[LinearLayer]]:
+    """`layers` in waves: each wave holds the layers none of the later ones feed."""
+    waves, pending = [], list(layers)
     while pending:
         wave = _ready(pending)
-        problems = [
-            _Problem(
-                layer,
-                _kept(layer, kept_outputs),
-                seed * 100_003 + index[id(layer)],
-                rows_per_batch,
-                _folds(layer, alpha),
-                restore_spread,
-            )
-            for layer in wave
-        ]
-        inputs = runtime.stream_tensors(pruned, [p.layer.input.name for p in problems], feeds)
-        targets = runtime.stream_tensors(original, [p.layer.output.name for p in problems], feeds)
-        for x_batch, y_batch in zip(inputs, targets, strict=True):
-            for problem in problems:
-                problem.add(x_batch[problem.layer.input.name], y_batch[problem.layer.output.name])
-        results += [problem.solve(alpha, min_alpha) for problem in problems]
         done = {id(layer) for layer in wave}
         pending = [layer for layer in pending if id(layer) not in done]
-    return results
+        waves.append(wave)
+    return waves
+
+
+def _chunk(
+    waves: Sequence[Sequence[LinearLayer]], max_rows: int, kept_outputs: Mapping[str, np.ndarray]
+) -> list[Sequence[LinearLayer]]:
+    """The leading waves whose sampled targets fit TARGET_BYTES together (at least one wave)."""
+    chunk, size = [], 0
+    for wave in waves:
+        size += sum(max_rows * len(_kept(layer, kept_outputs)) * 4 for layer in wave)
+        if chunk and (size > TARGET_BYTES or len(chunk) >= MAX_CHUNK_WAVES):
+            break
+        chunk.append(wave)
+    return chunk
 
 
 def _folds(layer: LinearLayer, alpha: float | None) -> int:

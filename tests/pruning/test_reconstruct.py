@@ -278,3 +278,43 @@ def test_unsupported_layers_say_why():
     proto = _model([node], [_vi("x", [1, 2, 4, 4]), _vi("w", [3, 2, 1, 1])], [_vi("y", None)], [])
     reason = as_linear_layer(ir.from_proto(proto).graph.node(0))
     assert reason == "Conv without a constant weight"
+
+
+def _gemm_chain(weights: list[np.ndarray]) -> onnx.ModelProto:
+    nodes, inits, current = [], [], "x"
+    for i, w in enumerate(weights):
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}"], [f"g{i}"], name=f"l{i}"))
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        current = f"g{i}"
+        if i < len(weights) - 1:
+            nodes.append(helper.make_node("Relu", [current], [f"r{i}"]))
+            current = f"r{i}"
+    nodes[-1].output[0] = "y"
+    return _model(nodes, [_vi("x", ["n", 6])], [_vi("y", ["n", 6])], inits)
+
+
+def test_sharing_one_original_run_across_waves_changes_no_fit(monkeypatch):
+    """Targets read for many waves in one run of the original give the fits one run each gives."""
+    import onnxslim_tool.pruning.reconstruct as reconstruct
+
+    weights = [_f32(6, 6) for _ in range(4)]
+    original = _gemm_chain(weights)
+    pruned = _gemm_chain([w + 0.3 * _f32(6, 6) for w in weights])
+    feeds = [{"x": _f32(8, 6)} for _ in range(3)]
+
+    def refit(chunk_waves: int) -> list[np.ndarray]:
+        monkeypatch.setattr(reconstruct, "MAX_CHUNK_WAVES", chunk_waves)
+        model = ir.from_proto(pruned)
+        layers = [as_linear_layer(n) for n in model.graph if n.op_type == "Gemm"]
+        results = refit_layers(model, ir.from_proto(original), layers, feeds, alpha=1e-3)
+        assert len(results) == 4 and all(r.applied for r in results)
+        return [const_array(layer.node.inputs[1]) for layer in layers]
+
+    chain = [as_linear_layer(n) for n in ir.from_proto(pruned).graph if n.op_type == "Gemm"]
+    waves = reconstruct._waves(chain)
+    assert [len(w) for w in waves] == [1, 1, 1, 1]  # a chain: each fit waits for the one before
+    assert len(reconstruct._chunk(waves, 100, {})) == 4
+    assert len(reconstruct._chunk(waves, reconstruct.TARGET_BYTES // 48, {})) == 2  # half the budget each
+    one_each, shared = refit(1), refit(8)
+    for a, b in zip(one_each, shared, strict=True):
+        np.testing.assert_array_equal(a, b)
