@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -258,6 +259,50 @@ def _infer_shapes(model: ir.Model, fixed: dict[str, StaticShape], notes: list[st
         if not _add_contrib_shapes(proto.graph):
             break
     return _proto_value_infos(proto.graph)
+
+
+def _unresolved(graph: ir.Graph, inferred: dict[str, _ValueInfo], consts: set[ir.Value]) -> list[ir.Value]:
+    """Values the MAC rules read whose shape neither inference nor the stored shapes fix."""
+    table, wanted = _ShapeTable(inferred), {}
+    for node in graph:
+        if node.op_type not in _MAC_RULES or node.domain not in _STANDARD_DOMAINS:
+            continue
+        for value in [*node.inputs, *node.outputs]:
+            if value is None or value in consts or table.static(value) is not None:
+                continue
+            # A value declared with an undefined type cannot be asked of onnxruntime (one that
+            # declares nothing can); its neighbours usually tell.
+            if value.dtype != ir.DataType.UNDEFINED:
+                wanted[value.name] = value
+    return list(wanted.values())
+
+
+def _measured_shapes(
+    model: ir.Model, fixed: dict[str, StaticShape], values: Sequence[ir.Value], notes: list[str]
+) -> dict[str, _ValueInfo]:
+    """Shapes of `values` read from one onnxruntime run on zero inputs of the fixed dims.
+
+    ONNX shape inference stops at shapes computed from data it cannot fold (a Slice whose end
+    is Shape(x)[1], a Range over a sequence length), which leaves every MatMul of a
+    transformer after it uncounted. One run at the dims the report assumes settles them.
+    """
+    inputs = _real_inputs(model.graph)
+    if not values or any(v.name not in fixed or v.dtype is None for v in inputs):
+        return {}
+    from onnxslim_tool import runtime  # runtime imports io, which needs this module's users
+
+    try:
+        feed = {v.name: np.zeros(fixed[v.name], dtype=v.dtype.numpy()) for v in inputs}
+        (outputs,) = runtime.stream_tensors(model, [v.name for v in values], [feed], prune=True)
+    except Exception as exc:  # noqa: BLE001 - best effort: without it the values stay unknown
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        notes.append(f"{len(values)} shape(s) left unknown: a run to measure them failed ({reason})")
+        return {}
+    notes.append(f"{len(values)} shape(s) ONNX inference could not fix were read from a run on zero inputs")
+    return {
+        name: (tuple(int(d) for d in array.shape), ir.DataType.from_numpy(array.dtype))
+        for name, array in outputs.items()
+    }
 
 
 def _matmul_nbits_shape(node: onnx.NodeProto, inputs: list[Shape | None]) -> Shape | None:
@@ -696,8 +741,10 @@ def analyze_cost(
     graph = model.graph
     notes: list[str] = []
     fixed, assumed = _resolve_inputs(_real_inputs(graph), input_shapes or {}, default_dim, notes)
-    shapes = _ShapeTable(_infer_shapes(model, fixed, notes))
+    inferred = _infer_shapes(model, fixed, notes)
     consts = _constant_values(graph)
+    inferred.update(_measured_shapes(model, fixed, _unresolved(graph, inferred, consts), notes))
+    shapes = _ShapeTable(inferred)
     logical = _nbits_logical_sizes(graph)
     layers = []
     for index, node in enumerate(graph):

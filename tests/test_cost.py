@@ -331,3 +331,26 @@ def test_every_light_model_analyses(path: Path) -> None:
 
 def test_light_zoo_has_nine_models() -> None:
     assert len(list(LIGHT_ZOO.glob("light_*.onnx"))) == 9
+
+
+def test_shapes_inference_cannot_fold_are_read_from_a_run():
+    """A sequence length through Shape -> Squeeze -> Range (as torch exports position ids) stops
+    ONNX shape inference; the MatMul after it must still be counted at the fixed input dims."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], start=1, end=2),
+        helper.make_node("Squeeze", ["s"], ["n"]),
+        helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+        helper.make_node("Cast", ["r"], ["rf"], to=FLOAT),
+        helper.make_node("Unsqueeze", ["rf", "axis"], ["column"]),
+        helper.make_node("MatMul", ["column", "w"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        _init("w", [1, 8]),
+    ]
+    model = _model(nodes, {"x": ["batch", "sequence"]}, ["y"], inits)
+    cost = analyze_cost(model, {"x": [1, 5]})
+    assert cost.total_macs == 5 * 1 * 8
+    assert any("read from a run" in note for note in cost.notes)
