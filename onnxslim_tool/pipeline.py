@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxslim_tool import io, metrics, runtime
-from onnxslim_tool.cost import analyze_cost
+from onnxslim_tool.cost import analyze_cost, data_shapes
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.errors import OnnxSlimError
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
@@ -118,6 +118,8 @@ class Result:
     allocation: dict[str, Any] | None = None
     # What accuracy_before/after measure: labelled "accuracy" or "task metric '<name>'".
     metric: str = "accuracy"
+    # The input shapes MACs were counted at, where the model leaves dims symbolic.
+    cost_shapes: dict[str, Sequence[int]] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         """Write the model atomically; `after.bytes` becomes the bytes really written."""
@@ -138,6 +140,7 @@ class Result:
                 "params": _ratio(self.after.params, self.before.params),
                 "macs": _ratio(self.after.macs, self.before.macs),
             },
+            "macs_input_shapes": {name: list(dims) for name, dims in self.cost_shapes.items()},
             "metric": self.metric if self.accuracy_before is not None else None,
             "accuracy_before": self.accuracy_before,
             "accuracy_after": self.accuracy_after,
@@ -200,6 +203,7 @@ class Pipeline:
         # Judges candidates against the original's outputs, in place of labels or fidelity.
         self.task_metric = load_task_metric(task_metric) if task_metric is not None else None
         self.input_shapes = input_shapes
+        self._cost_shapes = input_shapes  # set per run: given, else the data's
         self.progress = progress or (lambda _msg: None)
 
     def run(self, model: ir.Model) -> Result:
@@ -211,7 +215,10 @@ class Pipeline:
         original = io.load(model, lift_constants=False)
         working = io.load(model, lift_constants=True)
         self.progress("measuring the original model")
-        before_stats = ModelStats.of(original, self.input_shapes)
+        # MACs of a model with symbolic dims are counted at the data's shapes (a sequence
+        # model's cost grows with its length), unless the caller fixed them.
+        self._cost_shapes = self.input_shapes or data_shapes(original, self.eval_data)
+        before_stats = ModelStats.of(original, self._cost_shapes)
         reference = self.evaluate(original)
         current = reference
         steps: list[StepOutcome] = []
@@ -219,7 +226,7 @@ class Pipeline:
             self.progress(f"pass {compression_pass.name}")
             working, current, outcome = self._run_step(working, compression_pass, reference, current)
             steps.append(outcome)
-        after_stats = ModelStats.of(working, self.input_shapes)
+        after_stats = ModelStats.of(working, self._cost_shapes)
         return Result(
             model=working,
             before=before_stats,
@@ -231,6 +238,7 @@ class Pipeline:
             data_source=self.eval_data.source,
             synthetic_data=self.eval_data.synthetic,
             eval_samples=len(self.eval_data),
+            cost_shapes=dict(self._cost_shapes or {}),
             metric=reference.metric,
         )
 
@@ -301,7 +309,7 @@ class Pipeline:
                     "; ".join(attempts),
                     fidelity=evaluation.fidelity_to(previous),
                     accuracy=evaluation.accuracy,
-                    stats=ModelStats.of(candidate, self.input_shapes),
+                    stats=ModelStats.of(candidate, self._cost_shapes),
                     seconds=time.perf_counter() - start,
                     attempts=attempts,
                 )

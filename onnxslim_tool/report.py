@@ -111,6 +111,9 @@ def print_result(console: Console, result: Result) -> None:
         if f.top1_agreement is not None:
             table.add_row(f"top-1 agreement ({f.name})", "", f"{f.top1_agreement:.4f}", "")
     console.print(table)
+    if result.cost_shapes:
+        dims = ", ".join(f"{name}={'x'.join(map(str, shape))}" for name, shape in result.cost_shapes.items())
+        console.print(f"MACs counted at input shapes {dims}")
     source = f"{result.data_source} ({result.eval_samples} samples)"
     if result.synthetic_data:
         console.print(f"[yellow]outputs compared on SYNTHETIC random inputs: {source}[/]")

@@ -223,3 +223,19 @@ def test_backoff_skips_grow_with_the_overrun(drop, budget, skips):
 
     assert _backoff_skips(drop, budget) == skips
     assert _backoff_skips(drop, 0.0) == 0
+
+
+def test_macs_are_counted_at_the_data_shape_where_the_model_leaves_dims_symbolic():
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 3])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = CalibrationData({"x": np.ones((6, 7, 4), np.float32)})
+    result = api.compress(model, data)
+    assert result.before.macs == 7 * 4 * 3  # one sample of 7 steps, not a sequence of 1
+    assert result.to_dict()["macs_input_shapes"] == {"x": [1, 7, 4]}

@@ -835,32 +835,54 @@ def _end_layers(graph: ir.Graph) -> tuple[set[str], set[str]]:
     labels = node_labels(graph)
 
     def weighted(node: ir.Node) -> bool:
+        if node.op_type == "Gather" and node.inputs and const_array(node.inputs[0]) is not None:
+            # An embedding lookup is a transformer's first layer: without this stop the walk
+            # follows the residual stream from the token ids into every block, and protects
+            # every feed-forward layer as "first".
+            return True
         return (
             node.op_type in _WEIGHTED_OPS and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None
         )
 
-    def walk(start: list[ir.Node], step: Callable[[ir.Node], list[ir.Node]]) -> set[str]:
-        found, seen, frontier = set(), set(), list(start)
+    def walk(start: list[ir.Node], step: Callable[[ir.Node], list[ir.Node]], merges: int) -> set[str]:
+        """Weighted nodes reached from `start` without crossing another one, nor more than
+        `merges` residual merges."""
+        found, seen = set(), set()
+        frontier = [(node, 0) for node in start]
         while frontier:
-            node = frontier.pop()
-            if node in seen:
+            node, crossed = frontier.pop()
+            if (node, crossed) in seen:
                 continue
-            seen.add(node)
+            seen.add((node, crossed))
             if weighted(node):
                 found.add(labels.get(node, node.name))
-            else:
-                frontier += step(node)
+                continue
+            if _is_residual_merge(node):
+                crossed += 1
+                if crossed > merges:
+                    continue
+            frontier += [(after, crossed) for after in step(node)]
         return found
 
     first = walk(
         [use.node for v in graph.inputs for use in v.uses()],
         lambda n: [use.node for out in n.outputs for use in out.uses()],
+        merges=len(graph),
     )
+    # Backwards, the residual stream of a transformer runs through every block's last layer:
+    # past one merge the walk reaches the final block's, past more it would reach them all.
     last = walk(
         [p for v in graph.outputs if (p := v.producer()) is not None],
         lambda n: [p for v in n.inputs if v is not None and (p := v.producer()) is not None],
+        merges=1,
     )
     return first, last
+
+
+def _is_residual_merge(node: ir.Node) -> bool:
+    """An Add/Sum of two or more computed tensors (a skip connection joining its branch)."""
+    computed = [v for v in node.inputs if v is not None and const_array(v) is None]
+    return node.op_type in ("Add", "Sum") and len(computed) >= 2
 
 
 def _initializer(graph: ir.Graph, name: str) -> np.ndarray | None:

@@ -324,3 +324,44 @@ def test_min_ridge_bounds_the_ridge_every_refit_uses():
     assert ChannelPruning(target_macs=0.6, min_ridge=0.1).milder().min_ridge == 0.1
     with pytest.raises(OnnxSlimError, match="min_ridge must be"):
         ChannelPruning(min_ridge=-1.0)
+
+
+def _residual_stream(blocks: int) -> onnx.ModelProto:
+    """Token ids -> embedding Gather -> blocks of h + Down(Relu(Up(h))), each then LayerNorm."""
+    nodes = [helper.make_node("Gather", ["embedding", "ids"], ["h0"], name="embed")]
+    inits = [numpy_helper.from_array(RNG.standard_normal((10, 8)).astype(np.float32), "embedding")]
+    inits += [numpy_helper.from_array(np.ones(8, np.float32), n) for n in ("gamma", "beta")]
+    for k in range(1, blocks + 1):
+        inits += [
+            numpy_helper.from_array(RNG.standard_normal((8, 16)).astype(np.float32), f"w_up{k}"),
+            numpy_helper.from_array(RNG.standard_normal((16, 8)).astype(np.float32), f"w_down{k}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [f"h{k - 1}", f"w_up{k}"], [f"u{k}"], name=f"up{k}"),
+            helper.make_node("Relu", [f"u{k}"], [f"r{k}"]),
+            helper.make_node("MatMul", [f"r{k}", f"w_down{k}"], [f"d{k}"], name=f"down{k}"),
+            helper.make_node("Add", [f"h{k - 1}", f"d{k}"], [f"s{k}"]),
+            helper.make_node("LayerNormalization", [f"s{k}", "gamma", "beta"], [f"h{k}"], axis=-1),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "stream",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 5])],
+        [helper.make_tensor_value_info(f"h{blocks}", TensorProto.FLOAT, ["n", 5, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_residual_stream_protects_only_the_embedding_and_the_final_block():
+    """From the token ids the skip connections reach every block without a weighted layer in
+    between; ends are the embedding lookup and the final block, not every block."""
+    model, record = _prune(ir.from_proto(_residual_stream(3)), None, ratio=0.5)
+    pruned = {c.layer for c in record.changes}
+    reasons = {s.layer: s.reason for s in record.skipped}
+    assert pruned == {"up1", "up2"}
+    assert "final layer" in reasons["up3"]
+    assert (
+        analyze_cost(model, {"ids": [1, 5]}).total_macs
+        < analyze_cost(ir.from_proto(_residual_stream(3)), {"ids": [1, 5]}).total_macs
+    )
