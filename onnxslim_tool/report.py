@@ -28,6 +28,11 @@ def human_bytes(n: float | None) -> str:
     return f"{int(n)} B"
 
 
+# Pass notes a user must see without asking for the full report: a result measured slower
+# than the original, and what the speed guard did about it.
+WARNING_NOTES = ("SLOWER than fp32", "speed guard:")
+
+
 def ratio(after: float | None, before: float | None) -> str:
     if after is None or not before:
         return "-"
@@ -128,6 +133,9 @@ def print_result(console: Console, result: Result) -> None:
             console.print(f"             {change.layer} ({change.op_type}) {change.detail}")
         if len(step.record.changes) > 20:
             console.print(f"             ... {len(step.record.changes) - 20} more")
+        for note in step.record.notes:
+            if note.startswith(WARNING_NOTES):  # the rest of the notes live in --json / --report
+                console.print(f"             [yellow]{note}[/]")
 
 
 def print_evaluation(console: Console, report: dict[str, Any]) -> None:
