@@ -623,6 +623,8 @@ def refit_layers(
     `kept_outputs[output name]` lists which of the original layer's output channels the
     pruned layer still produces (default: all). Layers are processed in waves: a wave holds
     the layers none of the still-pending ones feed, so each fit sees the upstream refits.
+    The pruned model runs once per wave (cut to what the wave reads); the original, whose
+    outputs never change, once per chunk of waves, its targets sampled and kept meanwhile.
     `alpha` None chooses each layer's ridge strength by cross-validation over calibration
     samples (when each fold gets some and the layer is narrow enough), and a refit that
     does not beat the slice on held-out samples is not applied. `restore_spread` widens
