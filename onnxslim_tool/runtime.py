@@ -103,6 +103,51 @@ def run_model(model: ir.Model, feeds: Iterable[Feed], threads: int = 1) -> dict[
     return run_feeds(make_session(model, threads), feeds)
 
 
+class WeightSwapSession:
+    """One session in which the weights `names` are graph inputs, so candidates that differ
+    only in those weights (a sensitivity scan) run without a new session each: building a
+    session serializes and optimizes the whole model, which on a 90 MB transformer costs more
+    than running it on a dozen samples.
+
+    `run(feeds, weights)` feeds `weights[name]` where given and the model's own value
+    otherwise. The reference outputs of a scan must come from this session too: kernels
+    for a weight that is an input (not pre-packed) round differently from the original's.
+    """
+
+    def __init__(self, model: ir.Model, names: Sequence[str], threads: int = 1) -> None:
+        self.originals = {name: model.graph.initializers[name].const_value.numpy() for name in names}
+        proto = ir.to_proto(model)
+        graph = proto.graph
+        declared = {value.name for value in graph.input}
+        for tensor in [t for t in graph.initializer if t.name in self.originals]:
+            if tensor.name not in declared:
+                graph.input.append(
+                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+                )
+            graph.initializer.remove(tensor)
+        try:
+            self.session = ort.InferenceSession(
+                proto.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise OnnxSlimError(f"onnxruntime cannot load the model: {_one_line(exc)}") from exc
+        self.outputs = [o.name for o in model.graph.outputs]
+
+    @staticmethod
+    def supports(model: ir.Model, names: Sequence[str]) -> bool:
+        """Whether every name is a top-level initializer of a model under the protobuf limit."""
+        inits = model.graph.initializers
+        return not _needs_external_data(model) and all(
+            name in inits and inits[name].const_value is not None for name in names
+        )
+
+    def run(
+        self, feeds: Iterable[Feed], weights: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        given = {**self.originals, **(weights or {})}
+        return run_feeds(self.session, ({**feed, **given} for feed in feeds), self.outputs)
+
+
 @dataclass
 class Capture:
     """Intermediate tensors collected over a data set, at most `max_rows` rows each.

@@ -181,13 +181,23 @@ class WeightPruning(CompressionPass):
         from onnxslim_tool import runtime  # onnxruntime: only scans need it
 
         feeds = self.calibration.spread(samples).feeds(SCAN_BATCH)
-        reference = runtime.run_model(model, feeds)
+        names = [target.value.name for target in targets]
+        if runtime.WeightSwapSession.supports(model, names):
+            session = runtime.WeightSwapSession(model, names)
+            run = session.run
+        else:  # weights in subgraphs, or a model over the protobuf limit: a session each
+
+            def run(feeds, weights=None):
+                return runtime.run_model(model, feeds)
+
+        reference = run(feeds)
         damage = np.zeros((len(targets), len(grid)))
         for i, (target, score) in enumerate(zip(targets, scores, strict=True)):
             original = target.array
             for j, sparsity in enumerate(grid):
-                target.set(np.where(magnitude_mask(score, sparsity), original, 0).astype(original.dtype))
-                damage[i, j] = output_damage(reference, runtime.run_model(model, feeds))
+                pruned = np.where(magnitude_mask(score, sparsity), original, 0).astype(original.dtype)
+                target.set(pruned)
+                damage[i, j] = output_damage(reference, run(feeds, {target.value.name: pruned}))
             target.set(original)
         return damage
 
@@ -456,9 +466,9 @@ def _refit_rows(
         fit, check = stats.of(0, g), stats.of(1, g)
         masked = _row_errors(check, fitted[rows], w0)
         best = masked.copy()
-        ridge = _choose_ridge(fit, check, w0, kept, masked)
-        if ridge is not None:
-            held_out = _row_errors(check, _masked_ridge_fit(fit, w0, kept, ridge), w0)
+        chosen = _choose_ridge(fit, check, w0, kept, masked)
+        if chosen is not None:
+            ridge, held_out = chosen
             better = held_out < masked
             if better.any():  # validated: fit those rows again on both halves
                 group = fitted[rows]
@@ -477,15 +487,25 @@ def _refit_rows(
     return float(np.sqrt(max(masked_error, 0) / scale)), float(np.sqrt(max(fitted_error, 0) / scale))
 
 
-def _choose_ridge(fit, check, w0: np.ndarray, kept: np.ndarray, masked: np.ndarray) -> float | None:
+def _choose_ridge(
+    fit, check, w0: np.ndarray, kept: np.ndarray, masked: np.ndarray
+) -> tuple[float, np.ndarray] | None:
     """The relative ridge (of `_RIDGES`) whose fits on one half best predict the other half,
-    or None when none beats plain masking there."""
-    errors = {
-        ridge: float(_row_errors(check, _masked_ridge_fit(fit, w0, kept, ridge), w0).sum())
-        for ridge in _RIDGES
-    }
-    best = min(errors, key=errors.get)
-    return best if errors[best] < float(masked.sum()) else None
+    with its per-row held-out errors; None when none beats plain masking there.
+
+    Strongest first, stopping once a weaker ridge predicts worse: the weak ones are the slow
+    solves (conjugate gradients on a nearly singular Gram), and where a ridge already
+    overfits, a weaker one overfits more.
+    """
+    best: tuple[float, np.ndarray] | None = None
+    for ridge in sorted(_RIDGES, reverse=True):
+        errors = _row_errors(check, _masked_ridge_fit(fit, w0, kept, ridge), w0)
+        if best is not None and errors.sum() >= best[1].sum():
+            break
+        best = (ridge, errors)
+    if best is None or best[1].sum() >= float(masked.sum()):
+        return None
+    return best
 
 
 def _row_errors(moments, w: np.ndarray, w0: np.ndarray) -> np.ndarray:

@@ -307,3 +307,32 @@ def test_sample_cnn_pruned_and_shared_through_the_pipeline(tmp_path) -> None:
     # model (graph, biases, small layers, metadata) ~5 KB, so ~6x is what storage can reach here.
     assert io.file_size(written) < 0.17 * result.before.bytes
     assert result.accuracy_before - result.accuracy_after <= 0.01
+
+
+def _moments(p: np.ndarray, p0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return p.T @ p, p.T @ p0, p0.T @ p0
+
+
+@pytest.mark.parametrize("rows", [400, 12])
+def test_ridge_path_stops_once_a_weaker_ridge_predicts_worse(rows, monkeypatch):
+    """Plenty of rows: the weakest ridge fits best and every ridge is tried. Far fewer rows
+    than inputs: a weak ridge overfits, and the path stops before the slowest solves."""
+    from onnxslim_tool.passes import weight_pruning as wp
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((6, 20))
+    kept = rng.random((6, 20)) > 0.5
+    mixing = rng.standard_normal((20, 20)) + 3 * np.eye(20)  # correlated inputs: a refit can compensate
+    halves = [rng.standard_normal((rows, 20)) @ mixing for _ in range(2)]
+    fit, check = (_moments(p, p) for p in halves)
+    masked = wp._row_errors(check, np.where(kept, w0, 0.0), w0)
+    solves = []
+    real = wp._masked_ridge_fit
+    monkeypatch.setattr(wp, "_masked_ridge_fit", lambda *a: solves.append(a[-1]) or real(*a))
+    chosen = wp._choose_ridge(fit, check, w0, kept, masked)
+    exhaustive = {r: float(wp._row_errors(check, real(fit, w0, kept, r), w0).sum()) for r in wp._RIDGES}
+    assert chosen is not None and chosen[0] == min(exhaustive, key=exhaustive.get)
+    if rows == 400:
+        assert solves == sorted(wp._RIDGES, reverse=True)
+    else:
+        assert len(solves) < len(wp._RIDGES)
