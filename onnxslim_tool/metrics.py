@@ -45,6 +45,16 @@ def looks_like_class_scores(x: np.ndarray) -> bool:
     return not (x.shape[0] > 0 and np.allclose(norms, 1.0, atol=1e-3))
 
 
+def top1_is_informative(reference: np.ndarray) -> bool:
+    """Class scores whose top-1 varies over the samples. Where the reference picks the same
+    class for every sample (an untrained net's saturated head, a one-class data set), any
+    candidate that keeps that bias agrees 100%: measured on a randomly initialised Inception,
+    int8 outputs with a per-sample cosine of 0.06 still agreed on every top-1."""
+    if not looks_like_class_scores(reference):
+        return False
+    return reference.shape[0] < 2 or np.unique(top1(reference)).size > 1
+
+
 def top1(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1).argmax(axis=1)
 
@@ -95,7 +105,7 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray) -> O
         snr_db=snr_db(ref, cand),
         max_abs_error=err,
         max_rel_error=err / scale if scale > 0 else (0.0 if err == 0 else float("inf")),
-        top1_agreement=top1_agreement(reference, candidate) if looks_like_class_scores(reference) else None,
+        top1_agreement=top1_agreement(reference, candidate) if top1_is_informative(reference) else None,
         finite=finite,
     )
 

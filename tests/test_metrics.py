@@ -38,7 +38,7 @@ def test_compare_output_flags_nonfinite_and_shape_change():
         metrics.compare_output("y", ref, np.ones((3, 2), np.float32))
     fid = metrics.compare_output("y", ref, ref * 1.01)
     assert fid.max_rel_error == pytest.approx(0.01, rel=1e-3)
-    assert fid.top1_agreement == 1.0
+    assert fid.top1_agreement is None  # every row of ones picks class 0: agreement says nothing
 
 
 def test_nonfinite_values_the_reference_already_had_are_not_blamed():
@@ -61,3 +61,15 @@ def test_unit_norm_rows_are_embeddings_not_class_scores():
     assert fid.top1_agreement is None and fid.cosine > 0.99
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # rows sum to 1, not unit L2
     assert metrics.looks_like_class_scores(probabilities)
+
+
+def test_top1_agreement_is_not_claimed_where_the_reference_always_picks_one_class():
+    rng = np.random.default_rng(0)
+    saturated = rng.standard_normal((8, 10)).astype(np.float32)
+    saturated[:, 3] += 100.0  # every sample's top-1 is class 3, whatever the input
+    scrambled = saturated.copy()
+    scrambled[:, :3] = rng.standard_normal((8, 3)) * 30  # far off, but class 3 still wins
+    fid = metrics.compare_output("p", saturated, scrambled)
+    assert fid.top1_agreement is None  # 100% agreement here would say nothing
+    varied = rng.standard_normal((8, 10)).astype(np.float32)
+    assert metrics.compare_output("p", varied, varied).top1_agreement == 1.0

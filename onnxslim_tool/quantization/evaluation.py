@@ -84,7 +84,7 @@ class Judge:
         return min(f.cosine for f in fidelity)
 
     def _fallback_metric_name(self) -> str:
-        if any(metrics.looks_like_class_scores(out) for out in self.reference.values()):
+        if any(metrics.top1_is_informative(out) for out in self.reference.values()):
             return "top-1 agreement"
         return "output cosine"
 
