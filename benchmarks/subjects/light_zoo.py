@@ -39,7 +39,7 @@ def build(name: str, ctx: SetupContext) -> Subject:
         calibration=calibration,
         predict=predict_outputs(evaluation),
         score=agreement_score,
-        metric="top-1 agreement vs fp32",
+        metric="top-1 agreement vs fp32 (output cosine where fp32's top-1 never varies)",
         metric_kind="fidelity",
         latency_feed=first_feed(evaluation),
         latency_runs=5 if ctx.quick else 20,
