@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxslim_tool import runtime
 from onnxslim_tool.errors import OnnxSlimError
 
 __all__ = ["LayerCost", "ModelCost", "analyze_cost"]
@@ -289,8 +290,6 @@ def _measured_shapes(
     inputs = _real_inputs(model.graph)
     if not values or any(v.name not in fixed or v.dtype is None for v in inputs):
         return {}
-    from onnxslim_tool import runtime  # runtime imports io, which needs this module's users
-
     try:
         feed = {v.name: np.zeros(fixed[v.name], dtype=v.dtype.numpy()) for v in inputs}
         (outputs,) = runtime.stream_tensors(model, [v.name for v in values], [feed], prune=True)
