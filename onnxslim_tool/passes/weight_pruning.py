@@ -186,9 +186,17 @@ class WeightPruning(CompressionPass):
             session = runtime.WeightSwapSession(model, names)
             run = session.run
         else:  # weights in subgraphs, or a model over the protobuf limit: a session each
+            by_name = {target.value.name: target for target in targets}
 
             def run(feeds, weights=None):
-                return runtime.run_model(model, feeds)
+                saved = {name: by_name[name].array for name in weights or {}}
+                for name, array in (weights or {}).items():
+                    by_name[name].set(array)
+                try:
+                    return runtime.run_model(model, feeds)
+                finally:
+                    for name, array in saved.items():
+                        by_name[name].set(array)
 
         reference = run(feeds)
         damage = np.zeros((len(targets), len(grid)))
@@ -196,9 +204,7 @@ class WeightPruning(CompressionPass):
             original = target.array
             for j, sparsity in enumerate(grid):
                 pruned = np.where(magnitude_mask(score, sparsity), original, 0).astype(original.dtype)
-                target.set(pruned)
                 damage[i, j] = output_damage(reference, run(feeds, {target.value.name: pruned}))
-            target.set(original)
         return damage
 
     # ----- report -----------------------------------------------------------------------------------
