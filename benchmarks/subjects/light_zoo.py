@@ -44,7 +44,8 @@ def build(name: str, ctx: SetupContext) -> Subject:
         latency_feed=first_feed(evaluation),
         latency_runs=5 if ctx.quick else 20,
         setup={
-            "weights": f"onnx light zoo {short}, placeholder weights filled with seed {ctx.seed} "
+            "weights": f"onnx light zoo {short}, placeholder weights filled with seed {ctx.seed}, then "
+            "fitted layer by layer to unit-variance activations on random inputs "
             "(onnxslim_tool.testing.with_random_weights)",
             "calibration": f"{n_calib} standard-normal inputs (seed {ctx.seed + 1})",
             "evaluation": f"{n_eval} standard-normal inputs (seed {ctx.seed + 2})",
@@ -53,7 +54,8 @@ def build(name: str, ctx: SetupContext) -> Subject:
 
 
 def _weighted_model(short: str, ctx: SetupContext) -> Path:
-    path = ctx.cache / "light_zoo" / f"{short}_seed{ctx.seed}.onnx"
+    # "_fitted": the weights since the layer-by-layer fit; older cache entries are not reused.
+    path = ctx.cache / "light_zoo" / f"{short}_seed{ctx.seed}_fitted.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
