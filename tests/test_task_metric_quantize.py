@@ -119,7 +119,10 @@ def test_repairs_follow_the_task_metric_and_break_ties_on_output_error():
     assert not judge.better(worse_metric_lower_error, better_metric_higher_error)
     tie = Score(rel_error=0.40, metric=0.90, metric_name=judge.metric_name)
     assert judge.better(tie, better_metric_higher_error)  # same metric: the lower error wins
-    plain = Judge(float_model, _data(64))  # no task metric: output error alone, as before
+    plain = Judge(float_model, _data(64))  # no task metric: the fallback metric decides the same way
+    assert plain.metric_name in ("top-1 agreement", "accuracy")
+    assert not plain.better(worse_metric_lower_error, better_metric_higher_error)
+    plain.metric_name = "output cosine"  # a continuous metric: the finer output error decides
     assert plain.better(worse_metric_lower_error, better_metric_higher_error)
 
 

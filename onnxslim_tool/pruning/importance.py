@@ -147,18 +147,21 @@ def thinet_removal_order(contributions: np.ndarray) -> list[int]:
     """
     z = np.asarray(contributions, dtype=np.float64)
     channels = z.shape[1]
-    squared = (z**2).sum(axis=0)
-    removed_sum = np.zeros(z.shape[0])
+    # ||s + z_c||^2 - ||s||^2 = 2 s.z_c + ||z_c||^2, and s.z_c sums Gram entries of the removed
+    # channels: one matrix product up front instead of a pass over all samples per step
+    # (AlexNet's 4096-wide layers took minutes that way).
+    gram = z.T @ z
+    squared = np.diag(gram).copy()
+    removed_dot = np.zeros(channels)
     remaining = np.ones(channels, dtype=bool)
     order: list[int] = []
     for _ in range(channels):
-        # ||s + z_c||^2 - ||s||^2 = 2 s.z_c + ||z_c||^2
-        growth = 2.0 * (removed_sum @ z) + squared
+        growth = 2.0 * removed_dot + squared
         growth[~remaining] = np.inf
         pick = int(np.argmin(growth))
         order.append(pick)
         remaining[pick] = False
-        removed_sum += z[:, pick]
+        removed_dot += gram[pick]
     return order
 
 
