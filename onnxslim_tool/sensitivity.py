@@ -64,7 +64,13 @@ METHODS: dict[str, Method] = {
         "share", "weight-sharing", "bits", (8, 6, 4, 3, 2), ("Conv", "ConvTranspose", "Gemm", "MatMul")
     ),
     "quantize": Method(
-        "quantize", "quantize", "mode", ("int8",), ("Conv", "Gemm", "MatMul"), fixed=(("max_drop", None),)
+        "quantize",
+        "quantize",
+        "mode",
+        ("int8",),
+        ("Conv", "Gemm", "MatMul"),
+        # Each layer's own int8 cost, small layers too (compress would keep those float-compute).
+        fixed=(("max_drop", None), ("min_layer_macs", 0)),
     ),
 }
 

@@ -71,6 +71,7 @@ def _quantize(task_metric: TaskMetric | None) -> dict[str, str]:
         equalize=False,
         activation_type="uint8",
         seed=0,
+        min_layer_macs=0,  # tiny layers: the size rule would keep them float-compute
     )
     quantize.bind_data(_data())
     if task_metric is not None:
@@ -159,7 +160,12 @@ def test_compress_binds_a_module_function_metric_to_the_quantization_pass():
     from onnxslim_tool import api
 
     quantize = Quantize(
-        mode="int8", max_drop=0.05, bias_correction=False, equalize=False, activation_type="uint8"
+        mode="int8",
+        max_drop=0.05,
+        bias_correction=False,
+        equalize=False,
+        activation_type="uint8",
+        min_layer_macs=0,
     )
     result = api.compress(
         _branches(),

@@ -29,7 +29,7 @@ from onnxslim_tool.quantization.detect import is_quantized
 from onnxslim_tool.quantization.formats import SLOWER_TOLERANCE, Context, Formats
 from onnxslim_tool.quantization.ort_backend import quiet
 from onnxslim_tool.quantization.prepare import prepare
-from onnxslim_tool.quantization.static import WEIGHTED_OPS, StaticOptions
+from onnxslim_tool.quantization.static import MIN_INT8_LAYER_MACS, WEIGHTED_OPS, StaticOptions
 from onnxslim_tool.quantization.weight_only import RECURRENT_OPS, WEIGHT_INPUT
 
 MODES = ("int8", "int8-dynamic", "int8-weights", "int4-weights")
@@ -61,6 +61,7 @@ class Quantize(CompressionPass):
         exclude_ops: Sequence[str] = (),
         seed: int = 0,
         speed_guard: bool = False,
+        min_layer_macs: int = MIN_INT8_LAYER_MACS,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
     ) -> None:
@@ -81,6 +82,9 @@ class Quantize(CompressionPass):
         self.exclude_ops = tuple(exclude_ops)
         self.seed = seed
         self.speed_guard = speed_guard
+        if min_layer_macs < 0:
+            raise PassError(f"min_layer_macs must be >= 0, got {min_layer_macs}")
+        self.min_layer_macs = min_layer_macs
 
     def milder(self) -> Quantize | None:
         """Static with a tighter own budget, then weight-only int8; nothing gentler after that."""
@@ -95,6 +99,7 @@ class Quantize(CompressionPass):
         params = {k: getattr(self, k) for k in ("mode", "calibrator", "per_channel", "bias_correction")}
         params |= {k: getattr(self, k) for k in ("equalize", "smoothquant", "max_drop", "activation_type")}
         params |= {"exclude_ops": self.exclude_ops, "seed": self.seed, "speed_guard": self.speed_guard}
+        params |= {"min_layer_macs": self.min_layer_macs}
         milder = Quantize(**(params | changes), include=self.include, exclude=self.exclude)
         milder.calibration = self.calibration
         return milder
@@ -172,6 +177,7 @@ class Quantize(CompressionPass):
             smoothquant=self.smoothquant,
             max_drop=self.max_drop,
             activation_type=self.activation_type,
+            min_layer_macs=self.min_layer_macs,
             task_metric=self.task_metric,
         )
 

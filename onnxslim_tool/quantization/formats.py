@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxslim_tool import io
+from onnxslim_tool.cost import analyze_cost, data_shapes
 from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.quantization.evaluation import Judge
 from onnxslim_tool.quantization.gemm import gemm_to_matmul
@@ -64,6 +65,7 @@ class Formats:
         self._count = 0
         # Latency over fp32's per format, at the first probe batch; set by latency_report.
         self.first_batch_ratios: dict[str, float] = {}
+        self._small: dict[str, int] | None | bool = False  # False: not decided yet
 
     # ----- the formats -------------------------------------------------------------------------
 
@@ -77,10 +79,19 @@ class Formats:
         return builders[mode](notes)
 
     def static(self, notes: list[str]) -> ir.Model:
+        small = self._too_small_for_int8(notes)
+        if small is not None and self._every_weighted_layer_in(small):
+            notes.append(
+                f"every weighted layer is under {self._threshold:,} MACs per inference, where "
+                "onnxruntime's int8 kernels run slower than float: int8 weights, float compute "
+                "(min_layer_macs=0 quantizes activations anyway)"
+            )
+            return self._all_weights_only(small, notes)
         outcome = self._static_flow(self.context.static_options)
         self.context.excluded.update(outcome.excluded)
         notes.extend(outcome.notes)
         model = outcome.model
+        self._int8_weights_for(model, small or {}, notes)
         before = len(notes)
         self._weights_for_the_rest(
             model, notes, "inside If/Loop bodies, which onnxruntime's quantizer skips", subgraphs_only=True
@@ -100,6 +111,13 @@ class Formats:
 
     def dynamic(self, notes: list[str]) -> ir.Model:
         ctx = self.context
+        small = self._too_small_for_int8(notes) or {}
+        if small and self._every_weighted_layer_in(small):
+            notes.append(
+                f"every weighted layer is under {self._threshold:,} MACs per inference, where "
+                "quantizing activations at run time costs more than it saves: int8 weights, float compute"
+            )
+            return self._all_weights_only(small, notes)
         workdir = self._scratch("dynamic")
         path = workdir / "float.onnx"
         io.save(ctx.float_model, path)
@@ -110,11 +128,73 @@ class Formats:
             op_types=DYNAMIC_OPS,
             nodes_to_exclude=list(ctx.excluded),
         )
+        self._int8_weights_for(quantized, small, notes)
         self._weights_for_the_rest(
             quantized, notes, "onnxruntime's dynamic int8 convolution runs several times slower"
         )
         store_all_remaining_constants(quantized)
         return quantized
+
+    # ----- layers too small for int8 kernels ---------------------------------------------------
+
+    def _too_small_for_int8(self, notes: list[str]) -> dict[str, int] | None:
+        """Weighted layers under the MACs threshold (name -> MACs per inference), now excluded
+        from activation quantization; None when the rule is off or the cost is unknown."""
+        if self._small is not False:  # decided once per run: the first call excludes them
+            return self._small
+        ctx = self.context
+        threshold = self._threshold
+        self._small = None
+        if not threshold:
+            return None
+        try:
+            cost = analyze_cost(ctx.float_model, data_shapes(ctx.float_model, ctx.calibration))
+        except Exception as exc:  # the rule is an optimisation: without a cost, quantize everything
+            notes.append(f"layer sizes unknown ({type(exc).__name__}): every layer considered for int8")
+            return None
+        small = {
+            layer.name: layer.macs
+            for layer in cost.layers
+            if layer.kind == "weight"
+            and layer.op_type in WEIGHTED_OPS
+            and layer.macs < threshold
+            and layer.name not in ctx.excluded
+        }
+        for name, macs in small.items():
+            ctx.excluded[name] = (
+                f"{macs:,} MACs per inference: too small for int8 kernels to pay (under "
+                f"{threshold:,}), int8 weights with float compute"
+            )
+        self._small = small
+        return small
+
+    def _all_weights_only(self, small: dict[str, int], notes: list[str]) -> ir.Model:
+        for name in small:  # not kept float after all: weight-only int8 is the format now
+            self.context.excluded.pop(name, None)
+        return self.weights_only(notes)
+
+    @property
+    def _threshold(self) -> int:
+        return self.context.static_options.min_layer_macs
+
+    def _every_weighted_layer_in(self, small: dict[str, int]) -> bool:
+        graph = self.context.float_model.graph
+        weighted = [n.name for n in graph if n.op_type in WEIGHTED_OPS and _has_float_weight(n)]
+        return bool(weighted) and all(name in small for name in weighted)
+
+    def _int8_weights_for(self, model: ir.Model, small: dict[str, int], notes: list[str]) -> None:
+        """The small layers' weights stored int8 (folded at load: float compute, smaller file)."""
+        layers = [n for n in model.graph if n.name in small and _has_float_weight(n)]
+        if not layers:
+            return
+        done, _ = quantize_layer_weights(
+            model.graph, layers, per_channel=self.context.per_channel, form=WEIGHT_FORM
+        )
+        if done:
+            notes.append(
+                f"{len(done)} layer(s) under {self._threshold:,} MACs per inference kept float "
+                "compute with int8 weights: onnxruntime's int8 kernels run slower than float at that size"
+            )
 
     def weights_only(self, notes: list[str]) -> ir.Model:
         ctx = self.context

@@ -35,6 +35,13 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MATMUL_PROFILE_OPS = ("MatMul", "Gemm", "Conv")
 MATMUL_HEAVY_SHARE = 0.5
 INT8_MARGIN = 0.9
+# Below this many MACs per inference a layer runs slower in onnxruntime's int8 kernels than in
+# float: the quantize and dequantize around it cost more than the integer product saves.
+# Measured one layer at a time at batch 1 on a 2-core EPYC (1 thread, QDQ uint8/int8 vs fp32):
+# Conv 37k MACs 1.21x, Conv 452k 0.83x, Conv 1.8M 0.50x; MatMul 4k 1.32x, 131k 1.03x, 524k
+# 0.76x, 4.7M 0.39x. The sample models' layers are all under it (17k-147k MACs), and their
+# static int8 ran 1.07-1.26x slower than fp32; MiniLM's (4.7M at 32 tokens) and the CNNs' are over it.
+MIN_INT8_LAYER_MACS = 262_144
 
 
 @dataclass
@@ -46,6 +53,8 @@ class StaticOptions:
     smoothquant: bool | None = None
     max_drop: float | None = None
     activation_type: str = "auto"
+    # Weighted layers under this many MACs per inference keep float compute; 0: no such rule.
+    min_layer_macs: int = MIN_INT8_LAYER_MACS
     excluded: dict[str, str] = field(default_factory=dict)  # node name -> reason kept float
     # The pipeline's task metric: every decision below is judged by it when set.
     task_metric: TaskMetric | None = None

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import numpy_helper
 from onnxruntime.quantization import quantize_dynamic
 
 from onnxslim_tool import api, io, runtime
@@ -41,7 +42,8 @@ def _compress(kind: str, quantize: Quantize, tmp_path: Path):
     [("cnn", "int8"), ("transformer", "int8"), ("mlp", "int8-dynamic"), ("transformer", "int8-dynamic")],
 )
 def test_sample_models_keep_accuracy_at_a_third_of_the_size(kind, mode, tmp_path):
-    result, ratio = _compress(kind, Quantize(mode), tmp_path)
+    # min_layer_macs=0: activations quantized although these layers are under the size rule.
+    result, ratio = _compress(kind, Quantize(mode, min_layer_macs=0), tmp_path)
     step = result.steps[0]
     assert step.status == "applied", step.reason
     assert result.accuracy_before - result.accuracy_after <= MAX_ACCURACY_DROP
@@ -51,7 +53,7 @@ def test_sample_models_keep_accuracy_at_a_third_of_the_size(kind, mode, tmp_path
 
 
 def test_static_flow_reports_every_measured_decision(tmp_path):
-    result, _ratio = _compress("cnn", Quantize("int8"), tmp_path)
+    result, _ratio = _compress("cnn", Quantize("int8", min_layer_macs=0), tmp_path)
     notes = " | ".join(result.steps[0].record.notes)
     for expected in ("calibration (minmax)", "activation type by latency probe", "cross-layer equalization"):
         assert expected in notes
@@ -59,6 +61,49 @@ def test_static_flow_reports_every_measured_decision(tmp_path):
     # Every Conv/Gemm of the CNN ends with int8 weights and uint8 or int8 activations.
     details = {c.layer: c.detail for c in result.steps[0].record.changes}
     assert len(details) == 8 and all("activations" in d for d in details.values())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+def test_layers_too_small_for_int8_kernels_keep_float_compute_with_int8_weights(mode, tmp_path):
+    # The MLP's layers (640-8192 MACs) ran 1.26x slower than fp32 with int8 activations.
+    result, ratio = _compress("mlp", Quantize(mode), tmp_path)
+    step = result.steps[0]
+    assert step.status == "applied", step.reason
+    assert ratio <= MAX_SIZE_RATIO
+    assert any("every weighted layer is under 262,144 MACs" in note for note in step.record.notes)
+    details = [c.detail for c in step.record.changes]
+    assert len(details) == 3 and all("restored to float when onnxruntime loads it" in d for d in details)
+    ops = {node.op_type for node in result.model.graph}
+    assert not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"}
+
+
+def test_only_the_small_layers_of_a_mixed_model_keep_float_compute():
+    big, small = 128, 4  # 64x128x128 = 1M MACs over the threshold; 64x128x4 = 32k under it
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((big, big)).astype(np.float32) / 12, "w_big"),
+        numpy_helper.from_array(rng.standard_normal((big, small)).astype(np.float32) / 12, "w_small"),
+    ]
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["x", "w_big"], ["h"], name="big"),
+            onnx.helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            onnx.helper.make_node("MatMul", ["r", "w_small"], ["y"], name="small"),
+        ],
+        "mixed",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64, big])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64, small])],
+        weights,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    inputs = {"x": rng.standard_normal((16, 64, big)).astype(np.float32)}
+    data = CalibrationData.from_arrays(inputs, source="test")
+    quantize = Quantize("int8", activation_type="uint8", equalize=False, bias_correction=False)
+    result = api.compress(model, data, passes=[quantize])
+    details = {c.layer: c.detail for c in result.steps[0].record.changes}
+    assert "activations" in details["big"]
+    assert "restored to float when onnxruntime loads it" in details["small"]
+    assert any("1 layer(s) under 262,144 MACs" in note for note in result.steps[0].record.notes)
 
 
 def test_weight_only_int8_and_int4_run_in_onnxruntime(tmp_path):
@@ -133,7 +178,7 @@ def test_same_seed_gives_the_same_file(mode, tmp_path):
 
 def test_static_without_data_falls_back_to_dynamic_and_says_so():
     model = io.load(SAMPLES / "digits_mlp.onnx")
-    quantize = Quantize("int8")
+    quantize = Quantize("int8", min_layer_macs=0)  # the MLP's layers are under the size rule
     result = quantize(model)
     assert any("int8-dynamic was used" in note for note in result.record.notes)
     assert any(node.op_type == "MatMulInteger" for node in model.graph)
