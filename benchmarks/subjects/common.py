@@ -51,11 +51,5 @@ def accuracy_score(data: CalibrationData):
     return score
 
 
-def agreement_score(reference: Outputs, candidate: Outputs) -> Score:
-    """A `ScoreFn` for unlabelled data: top-1 agreement with fp32 (cosine when not class scores)."""
-    numbers = fidelity_numbers(reference, candidate)
-    return Score(numbers.get("top1_agreement", numbers["min_cosine"]), numbers)
-
-
 def first_feed(data: CalibrationData) -> Feed:
     return next(iter(data.batches(1)))
