@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,3 +93,15 @@ def test_failures_are_recorded_not_raised(tmp_path):
 def test_unknown_names_are_refused_with_the_known_ones(capsys):
     assert run.main(["--subjects", "no_such_model", "--no-docs"]) == 1
     assert "digits_cnn" in capsys.readouterr().err
+
+
+def test_zoo_metric_ignores_each_samples_offset_and_sees_a_reordered_class():
+    from benchmarks.subjects.light_zoo import centred_cosine
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(1000, 50.0), size=4)  # near-uniform rows, as random weights give
+    reference = {"prob": probs}
+    assert centred_cosine({"prob": probs + rng.normal(size=(4, 1))}, reference) == pytest.approx(1.0)
+    swapped = probs[:, ::-1]  # every class's score moved: a plain cosine still reads ~1
+    plain = float((probs * swapped).sum() / np.linalg.norm(probs) / np.linalg.norm(swapped))
+    assert plain > 0.97 and centred_cosine({"prob": swapped}, reference) < 0.2
