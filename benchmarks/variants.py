@@ -74,6 +74,17 @@ def catalogue() -> dict[str, Variant]:
                 partial(_ours_quantize, mode),
             )
         )
+    # At equal size: every layer int8 (traps aside), no budget to keep any float, as
+    # onnxruntime's defaults do; the repairs and the size rule still apply.
+    variants.append(
+        Variant(
+            "ours-int8-full",
+            "onnxslim_tool",
+            "--quantize int8 with no accuracy budget (no layer kept float for accuracy): "
+            "ort-static's counterpart at equal size",
+            partial(_ours_quantize, "int8", budget=None),
+        )
+    )
     variants += [
         Variant(
             "ort-static",
@@ -218,13 +229,13 @@ def _ours(recipe: str, job: Job) -> dict[str, Any]:
     }
 
 
-def _ours_quantize(mode: str, job: Job) -> dict[str, Any]:
+def _ours_quantize(mode: str, job: Job, budget: float | None = 0.01) -> dict[str, Any]:
     from onnxslim_tool import api
     from onnxslim_tool.data import CalibrationData
     from onnxslim_tool.recipe import recipe_from_flags
 
     data = CalibrationData.from_npz(job.calibration) if job.calibration else None
-    recipe = recipe_from_flags(quantize=mode, max_drop=0.01, seed=job.seed)
+    recipe = recipe_from_flags(quantize=mode, max_drop=budget, seed=job.seed)
     result = api.compress(str(job.source), data, recipe=recipe, seed=job.seed, task_metric=job.task_metric)
     result.save(job.target)
     return {
