@@ -33,6 +33,9 @@ EVAL_BATCH = 64
 # How far one back-off step is assumed to shrink a budget overrun, at least: a quarter less
 # pruning shrinks a squared error to 0.56, one more bit of sharing to about 0.25.
 BACKOFF_SHRINK = 0.4
+# Measured shrink that leaves the mildest setting over this many budgets: no more attempts.
+HOPELESS_OVERRUN = 2.0
+MAX_BACKOFF_CHAIN = 64
 
 
 @dataclass
@@ -263,6 +266,7 @@ class Pipeline:
         last_reason = ""
         over_budget = False  # True while the latest failure is the budget, not a broken rewrite
         last_record = PassRecord(first.name, first.params())
+        backoff = _Backoff(self.max_drop or 0.0)
         while candidate_pass is not None:
             candidate = io.load(model, lift_constants=False)
             try:
@@ -316,7 +320,8 @@ class Pipeline:
                 return candidate, evaluation, outcome
             attempts.append(f"{candidate_pass!r}: {budget_problem}")
             last_reason, over_budget = budget_problem, True
-            gentler = self._gentler(candidate_pass, metric_drop(reference, evaluation)[0], attempts)
+            backoff.failed(metric_drop(reference, evaluation)[0])
+            gentler = self._gentler(candidate_pass, backoff, attempts)
             if gentler is not None:  # a backed-off pass calibrates on the same data as the first
                 gentler.bind_data(candidate_pass.calibration)
                 gentler.bind_task_metric(candidate_pass.task_metric)
@@ -370,25 +375,35 @@ class Pipeline:
                 ), None
         return None, evaluation
 
-    def _gentler(self, failed: CompressionPass, drop: float, attempts: list[str]) -> CompressionPass | None:
-        """The next milder pass to try, skipping settings that cannot fit a drop far over budget.
+    def _gentler(
+        self, failed: CompressionPass, backoff: _Backoff, attempts: list[str]
+    ) -> CompressionPass | None:
+        """The next milder pass worth trying, or None when even the mildest would miss.
 
-        Each attempt is a full rewrite and evaluation (minutes on a detector), so a drop many
-        times the budget jumps ahead, stopping at the mildest setting there is.
+        Each attempt is a full rewrite and evaluation (minutes on a detector), so the overrun
+        decides how far down the chain of milder settings to jump, and once two attempts show
+        how fast the drop really shrinks per step, a chain whose mildest setting would still be
+        well over budget is not tried at all (random-weight nets shrink ~0.8x per step).
         """
-        gentler = failed.milder()
-        skipped = 0
-        for _ in range(_backoff_skips(drop, self.max_drop or 0.0)):
-            further = gentler.milder() if gentler is not None else None
-            if further is None:
-                break
-            gentler, skipped = further, skipped + 1
-        if skipped:
+        chain: list[CompressionPass] = []
+        milder = failed.milder()
+        while milder is not None and len(chain) < MAX_BACKOFF_CHAIN:
+            chain.append(milder)
+            milder = milder.milder()
+        if not chain:
+            return None
+        hopeless = backoff.hopeless(len(chain))
+        if hopeless:
+            attempts.append(hopeless)
+            return None
+        steps = min(backoff.steps_needed(), len(chain))
+        if steps > 1:
             attempts.append(
-                f"{skipped} milder setting(s) skipped untried: the drop was "
-                f"{drop / (self.max_drop or 1.0):.0f}x the budget"
+                f"{steps - 1} milder setting(s) skipped untried: the drop was "
+                f"{backoff.overrun:.0f}x the budget"
             )
-        return gentler
+        backoff.moved(steps)
+        return chain[steps - 1]
 
     def _budget_problem(self, reference: Evaluation, evaluation: Evaluation) -> str | None:
         if self.max_drop is None:
@@ -399,13 +414,59 @@ class Pipeline:
         return None
 
 
-def _backoff_skips(drop: float, budget: float) -> int:
-    """Milder settings to skip: with each back-off step shrinking the drop to BACKOFF_SHRINK
-    of itself, the steps that cannot bring `drop` under `budget` are not worth a try."""
+def _backoff_skips(drop: float, budget: float, shrink: float = BACKOFF_SHRINK) -> int:
+    """Milder settings to skip: with each back-off step shrinking the drop to `shrink` of
+    itself, the steps that cannot bring `drop` under `budget` are not worth a try."""
     if budget <= 0 or drop <= budget:
         return 0
-    needed = math.ceil(math.log(drop / budget) / math.log(1.0 / BACKOFF_SHRINK))
+    needed = math.ceil(math.log(drop / budget) / math.log(1.0 / shrink))
     return max(needed - 1, 0)
+
+
+class _Backoff:
+    """The drops measured along one pass's chain of milder settings, and what they predict."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.position = 0  # steps down the chain from the pass as first given
+        self.measured: list[tuple[int, float]] = []
+
+    def failed(self, drop: float) -> None:
+        self.measured.append((self.position, drop))
+
+    def moved(self, steps: int) -> None:
+        self.position += steps
+
+    @property
+    def overrun(self) -> float:
+        return self.measured[-1][1] / self.budget if self.budget > 0 else float("inf")
+
+    @property
+    def shrink(self) -> float:
+        """Per-step factor of the drop: measured over the last two attempts when there are
+        two (never assumed faster than BACKOFF_SHRINK), else BACKOFF_SHRINK."""
+        if len(self.measured) < 2:
+            return BACKOFF_SHRINK
+        (s0, d0), (s1, d1) = self.measured[-2:]
+        if d0 <= 0 or d1 <= 0 or s1 <= s0:
+            return BACKOFF_SHRINK
+        return min(max((d1 / d0) ** (1.0 / (s1 - s0)), BACKOFF_SHRINK), 1.0)
+
+    def steps_needed(self) -> int:
+        return _backoff_skips(self.measured[-1][1], self.budget, min(self.shrink, 0.99)) + 1
+
+    def hopeless(self, steps_left: int) -> str | None:
+        """Why not to retry, when the measured shrink leaves the mildest setting far over budget."""
+        if len(self.measured) < 2 or self.budget <= 0:
+            return None
+        predicted = self.measured[-1][1] * self.shrink**steps_left
+        if predicted <= HOPELESS_OVERRUN * self.budget:
+            return None
+        return (
+            f"not retried: the drop shrank {self.shrink:.2f}x per milder step over the last "
+            f"attempts, so the mildest setting ({steps_left} step(s) on) would still be about "
+            f"{predicted / self.budget:.1f}x the budget"
+        )
 
 
 def covered_labels(data: CalibrationData, batch_size: int) -> np.ndarray | None:

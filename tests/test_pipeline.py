@@ -239,3 +239,23 @@ def test_macs_are_counted_at_the_data_shape_where_the_model_leaves_dims_symbolic
     result = api.compress(model, data)
     assert result.before.macs == 7 * 4 * 3  # one sample of 7 steps, not a sequence of 1
     assert result.to_dict()["macs_input_shapes"] == {"x": [1, 7, 4]}
+
+
+def test_backoff_stops_when_the_measured_shrink_cannot_reach_the_budget():
+    tried = []
+
+    class Creeping(ScaleWeights):
+        """Each milder setting removes only 3% of the noise: the drop hardly moves."""
+
+        def rewrite(self, model, record):
+            tried.append(self.noise)
+            super().rewrite(model, record)
+
+        def milder(self):
+            return Creeping(self.noise * 0.97) if self.noise > 1.0 else None
+
+    _, result = _run([Creeping(8.0)], max_drop=0.01)
+    step = result.steps[0]
+    assert step.status == "rolled back" and step.over_budget
+    assert len(tried) == 2  # the second drop showed the chain's mildest setting would still miss
+    assert any(a.startswith("not retried: the drop shrank") for a in step.attempts), step.attempts
