@@ -96,6 +96,11 @@ class Formats:
         self._weights_for_the_rest(
             model, notes, "inside If/Loop bodies, which onnxruntime's quantizer skips", subgraphs_only=True
         )
+        # Transformers' static int8 quantizes only the matmuls: the embedding tables (half of
+        # MiniLM's bytes) would stay float. Their rows get int8 storage, folded at load.
+        self._weights_for_the_rest(
+            model, notes, "embedding tables the static quantizer left float", ops=("Gather",)
+        )
         if len(notes) > before and self.context.holdout is not None:
             notes.append(f"final int8 static model: held-out {self.score(model)}")
         elif outcome.score is not None:
@@ -222,15 +227,19 @@ class Formats:
         return quantized
 
     def _weights_for_the_rest(
-        self, model: ir.Model, notes: list[str], why: str, *, subgraphs_only: bool = False
+        self,
+        model: ir.Model,
+        notes: list[str],
+        why: str,
+        *,
+        subgraphs_only: bool = False,
+        ops: tuple[str, ...] = WEIGHTED_OPS,
     ) -> None:
-        """Weighted layers the main format left float get int8 weights (float compute).
+        """Layers of `ops` the main format left float get int8 weights (float compute).
 
         onnxruntime's quantizers never enter If/Loop bodies, so layers there are always "the rest".
         """
-        stored, _ = self._store_int8_weights(
-            model, WEIGHTED_OPS, rest_only=True, subgraphs_only=subgraphs_only
-        )
+        stored, _ = self._store_int8_weights(model, ops, rest_only=True, subgraphs_only=subgraphs_only)
         if stored:
             ops = ", ".join(f"{op} x{n}" for op, n in Counter(s.op_type for s in stored).items())
             notes.append(f"{ops}: int8 weights only, float compute ({why})")
