@@ -8,6 +8,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_tool.data import CalibrationData
 
+# The machinery on tiny layers: the size rule (min_layer_macs) would keep them float-compute.
+BARE = {
+    "activation_type": "uint8",
+    "equalize": False,
+    "bias_correction": False,
+    "smoothquant": False,
+    "min_layer_macs": 0,
+}
+
 
 def _model(
     nodes, inputs, outputs, inits, opset: int = 17, domains: dict[str, int] | None = None

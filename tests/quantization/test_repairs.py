@@ -14,14 +14,7 @@ from onnxslim_tool.quantization.smoothquant import smooth
 
 # Only the repair under test is switched on; the activation type is fixed so no latency probe
 # decides anything.
-# The machinery on tiny layers: the size rule (min_layer_macs) would keep them float-compute.
-BARE = {
-    "activation_type": "uint8",
-    "equalize": False,
-    "bias_correction": False,
-    "smoothquant": False,
-    "min_layer_macs": 0,
-}
+BARE = qm.BARE
 
 
 def _error(proto, calib, evaluation, **options) -> tuple[float, list[str]]:

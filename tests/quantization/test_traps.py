@@ -13,14 +13,7 @@ from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.passes.quantization import Quantize
 from onnxslim_tool.quantization.calibration import FeedReader, calibrate
 
-# The machinery on tiny layers: the size rule (min_layer_macs) would keep them float-compute.
-BARE = {
-    "activation_type": "uint8",
-    "equalize": False,
-    "bias_correction": False,
-    "smoothquant": False,
-    "min_layer_macs": 0,
-}
+BARE = qm.BARE
 
 
 def test_weights_in_constant_nodes_are_lifted_and_quantized():
