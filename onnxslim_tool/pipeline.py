@@ -383,7 +383,7 @@ class Pipeline:
         Each attempt is a full rewrite and evaluation (minutes on a detector), so the overrun
         decides how far down the chain of milder settings to jump, and once two attempts show
         how fast the drop really shrinks per step, a chain whose mildest setting would still be
-        well over budget is not tried at all (random-weight nets shrink ~0.8x per step).
+        well over budget is not tried at all.
         """
         chain: list[CompressionPass] = []
         milder = failed.milder()
