@@ -132,7 +132,7 @@ class Quantize(CompressionPass):
             if mode == "int8" and self.calibration is None:
                 record.notes.append("no calibration data: static int8 needs it, so int8-dynamic was used")
                 mode = "int8-dynamic"
-            calibration, holdout = self._split_data(prepared.model, record)
+            data, calibration, holdout = self._split_data(prepared.model, record)
             formats = Formats(
                 Context(
                     float_model=prepared.model,
@@ -140,6 +140,7 @@ class Quantize(CompressionPass):
                     excluded=self._excluded(prepared.model) | coded.exclusions(prepared.model),
                     calibration=calibration,
                     holdout=holdout,
+                    all_data=data,
                     workdir=workdir,
                     static_options=self._static_options(),
                 )
@@ -185,24 +186,25 @@ class Quantize(CompressionPass):
 
     def _split_data(
         self, model: ir.Model, record: PassRecord
-    ) -> tuple[CalibrationData | None, CalibrationData | None]:
+    ) -> tuple[CalibrationData | None, CalibrationData | None, CalibrationData | None]:
+        """(all the data, validated; the part to calibrate on; the part that judges)."""
         data = self.calibration
         if data is not None:
             data = data.validate(model)  # learns the model's fixed batch size, if any
         if data is None:
             record.notes.append("no calibration data: nothing measured on held-out samples")
-            return None, None
+            return None, None, None
         if len(data) < MIN_SAMPLES_TO_HOLD_OUT:
             record.notes.append(
                 f"only {len(data)} calibration samples: decisions measured on the same samples"
             )
-            return data, data
+            return data, data, data
         calibration, holdout = data.split(HOLDOUT_FRACTION, seed=self.seed)
         record.notes.append(
             f"calibration data split (seed {self.seed}): {len(calibration)} to calibrate, "
             f"{len(holdout)} held out to measure every decision"
         )
-        return calibration, holdout
+        return data, calibration, holdout
 
     def _excluded(self, model: ir.Model) -> dict[str, str]:
         """Nodes the user keeps float: by --exclude/--include patterns or by op type."""

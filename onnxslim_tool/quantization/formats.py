@@ -57,6 +57,8 @@ class Context:
     holdout: CalibrationData | None
     workdir: Path
     static_options: StaticOptions
+    # Every sample the pass was given; static int8 takes its final ranges from them all.
+    all_data: CalibrationData | None = None
 
 
 class Formats:
@@ -101,7 +103,11 @@ class Formats:
         self._weights_for_the_rest(
             model, notes, "embedding tables the static quantizer left float", ops=("Gather",)
         )
-        if len(notes) > before and self.context.holdout is not None:
+        if outcome.score is None and self.context.holdout is not None:
+            notes.append(
+                f"final int8 static model, on held-out samples its ranges now include: {self.score(model)}"
+            )
+        elif len(notes) > before and self.context.holdout is not None:
             notes.append(f"final int8 static model: held-out {self.score(model)}")
         elif outcome.score is not None:
             notes.append(f"final int8 static model: held-out {outcome.score.describe()}")
@@ -111,7 +117,12 @@ class Formats:
         ctx = self.context
         options = replace(options, per_channel=ctx.per_channel, excluded=ctx.excluded)
         return StaticFlow(
-            ctx.float_model, ctx.calibration, ctx.holdout, options, self._scratch("static")
+            ctx.float_model,
+            ctx.calibration,
+            ctx.holdout,
+            options,
+            self._scratch("static"),
+            final_data=ctx.all_data,
         ).run()
 
     def dynamic(self, notes: list[str]) -> ir.Model:

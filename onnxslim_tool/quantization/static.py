@@ -5,6 +5,9 @@ calibrate once per float variant (ranges cached), pick the activation type by a 
 probe, try cross-layer equalization, SmoothQuant and bias correction (each kept only when it
 lowers the output error, or with a task metric bound, when it raises that metric or ties it
 with a lower error), then keep the most sensitive layers float until the budget holds.
+The decisions made, the final model's ranges come from every sample the flow was given
+(`final_data`: the calibration and held-out halves together), as onnxruntime's own static
+quantizer would use them: ranges fitted on twice the samples cover the data better.
 """
 
 from __future__ import annotations
@@ -88,10 +91,12 @@ class StaticFlow:
         holdout: CalibrationData,
         options: StaticOptions,
         workdir: Path,
+        final_data: CalibrationData | None = None,
     ) -> None:
         self.float_model = float_model
         self.calibration = calibration
         self.holdout = holdout
+        self.final_data = final_data
         self.options = options
         self.workdir = workdir
         self.notes: list[str] = []
@@ -143,14 +148,35 @@ class StaticFlow:
             best, score = self.try_bias_correction(best, settings, score)
         if self.options.max_drop is not None:
             settings, score = self.mixed_precision(best, settings, score)
+        recalibrated = self.recalibrated(best)
+        if recalibrated is not None:
+            # The held-out samples are now in the final ranges: no held-out score of its own.
+            best, score = recalibrated, None
         final = self.quantize(best, settings)
         return StaticOutcome(final, settings, score, self.excluded, self.notes)
+
+    def recalibrated(self, best: Variant) -> Variant | None:
+        """`best` with ranges from every sample in `final_data`, when that is more than it had."""
+        data = self.final_data
+        if data is None or len(data) <= best.calibration.samples:
+            return None
+        saved_calibration, self.calibration = self.calibration, data
+        try:
+            variant = self.variant(best.model, "final")
+        finally:
+            self.calibration = saved_calibration
+        self.notes.append(
+            f"final ranges from all {len(data)} samples (held-out ones included; every score above "
+            f"used ranges from {best.calibration.samples})"
+        )
+        return variant
 
     def initial_settings(self, variant: Variant) -> StaticSettings:
         for node in variant.model.graph:
             if node.op_type == "MatMul" and const_array(node.inputs[1]) is None:
                 self.excluded.setdefault(node.name, "MatMul of two activations kept float: it has no weight")
-        for tail in tails.heterogeneous_tails(variant.model, variant.calibration.ranges):
+        found = tails.heterogeneous_tails(variant.model, variant.calibration.ranges)
+        for tail in found + tails.probability_tails(variant.model):
             for name in tail.nodes:
                 self.excluded.setdefault(name, f"kept float: {tail.reason}")
             self.notes.append(f"float tail: {tail.reason}")

@@ -1,10 +1,17 @@
-"""Output tails that must stay float: one tensor joining values of very different ranges.
+"""Output tails that must stay float.
 
-A detector that concatenates box coordinates (0..320) with class scores (0..1) into one
-output loses the scores under a single int8 scale (step 320/255 > most scores). Walking back
-from each graph output through data-movement ops, a Concat whose inputs' calibrated ranges
-differ by more than RANGE_RATIO marks the walked tail (Concat and the ops after it) to stay
-float; the Concat's inputs keep their own, well-fitting scales.
+One tensor joining values of very different ranges: a detector that concatenates box
+coordinates (0..320) with class scores (0..1) into one output loses the scores under a single
+int8 scale (step 320/255 > most scores). Walking back from each graph output through
+data-movement ops, a Concat whose inputs' calibrated ranges differ by more than RANGE_RATIO
+marks the walked tail (Concat and the ops after it) to stay float; the Concat's inputs keep
+their own, well-fitting scales.
+
+A Softmax producing a graph output: onnxruntime gives its output the fixed range [0, 1], a
+step of 1/255, so every probability under 0.002 reads 0 and a 1000-class output keeps only its
+few largest entries (on the light-zoo nets with random weights, whose probabilities are all
+near 0.001, the int8 output was the same constant for every input). The last op of a model is
+cheap, so keeping it float costs no speed.
 """
 
 from __future__ import annotations
@@ -45,6 +52,26 @@ def heterogeneous_tails(model: ir.Model, ranges: TensorsData) -> list[FloatTail]
                 )
                 tails.append(FloatTail(output.name or "", [n.name or "" for n in tail], reason))
                 break
+    return tails
+
+
+PROBABILITY_OPS = frozenset({"Softmax", "LogSoftmax"})
+
+
+def probability_tails(model: ir.Model) -> list[FloatTail]:
+    """Softmax outputs (through data-movement ops) that an int8 step of 1/255 would erase."""
+    tails = []
+    for output in model.graph.outputs:
+        tail = _tail_nodes(output)
+        frontier = [output.producer()] + [v.producer() for n in tail for v in n.inputs if v is not None]
+        softmax = next((n for n in frontier if n is not None and n.op_type in PROBABILITY_OPS), None)
+        if softmax is None:
+            continue
+        reason = (
+            f"output '{output.name}' comes from {softmax.op_type} '{softmax.name}': int8's fixed "
+            "1/255 step on [0, 1] would zero every probability under 0.002"
+        )
+        tails.append(FloatTail(output.name or "", [n.name or "" for n in (softmax, *tail)], reason))
     return tails
 
 

@@ -118,6 +118,26 @@ def boxes_and_scores_model(seed: int = 0) -> onnx.ModelProto:
     return _model(nodes, [_vi("x", ["N", 8])], [_vi("y", ["N", 10])], inits)
 
 
+def many_class_softmax_model(seed: int = 0) -> onnx.ModelProto:
+    """A small CNN classifier with 500 classes ending in Softmax: every probability near 0.002."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "wc", "bc"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w", "b"], ["logits"], name="fc"),
+        helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1),
+    ]
+    inits = [
+        _init("wc", 0.3 * rng.standard_normal((16, 4, 3, 3))),
+        _init("bc", np.zeros(16)),
+        _init("w", 0.3 * rng.standard_normal((16, 500))),
+        _init("b", np.zeros(500)),
+    ]
+    return _model(nodes, [_vi("x", ["N", 4, 8, 8])], [_vi("prob", ["N", 500])], inits)
+
+
 def conv_model(opset: int, seed: int = 0) -> onnx.ModelProto:
     """A plain Conv -> ReLU -> Conv on an old opset (per-channel DequantizeLinear needs 13)."""
     rng = np.random.default_rng(seed)

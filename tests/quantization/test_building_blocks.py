@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationMethod, TensorsData
 
 from onnxslim_tool import io, runtime
+from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.quantization.compact import compact, restore_layer_names
 from onnxslim_tool.quantization.detect import is_quantized
 from onnxslim_tool.quantization.gemm import gemm_to_matmul
@@ -199,7 +200,6 @@ def test_latency_report_leaves_out_a_format_that_cannot_be_built(monkeypatch, tm
 
 
 def test_judge_compares_string_outputs_exactly():
-    from onnxslim_tool.data import CalibrationData
     from onnxslim_tool.quantization.evaluation import Judge
 
     graph = helper.make_graph(
@@ -211,3 +211,27 @@ def test_judge_compares_string_outputs_exactly():
     model = io.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     data = CalibrationData.from_arrays({"s": np.array(["monday", "tuesday"], dtype=object)}, source="test")
     assert Judge(model, data).score(model).rel_error == 0.0
+
+
+def test_static_int8_takes_its_final_ranges_from_every_sample(tmp_path):
+    from onnxslim_tool.quantization.static import StaticFlow, StaticOptions
+
+    model = io.load(qm.bias_shift_model())
+    calib, holdout = qm.data((16,), 16, 1), qm.data((16,), 16, 2, std=4.0)  # held-out inputs reach 4x wider
+    every = CalibrationData.from_arrays({"x": np.concatenate([calib.inputs["x"], holdout.inputs["x"]])})
+    options = StaticOptions(**qm.BARE)
+
+    def input_scale(final_data, workdir) -> float:
+        workdir.mkdir()
+        outcome = StaticFlow(model, calib, holdout, options, workdir, final_data=final_data).run()
+        graph = outcome.model.graph
+        quantize = next(n for n in graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x")
+        return float(quantize.inputs[1].const_value.numpy()), outcome
+
+    half, half_outcome = input_scale(None, tmp_path / "half")
+    full, full_outcome = input_scale(every, tmp_path / "full")
+    span = float(every.inputs["x"].max() - min(every.inputs["x"].min(), 0))
+    assert full == pytest.approx(span / 255, rel=1e-3) and full > 2 * half
+    note = "final ranges from all 32 samples (held-out ones included; every score above used ranges from 16)"
+    assert note in full_outcome.notes
+    assert full_outcome.score is None and half_outcome.score is not None  # no held-out score of its own

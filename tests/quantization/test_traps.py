@@ -81,6 +81,27 @@ def test_output_mixing_boxes_and_scores_keeps_its_tail_float(tmp_path):
     assert {c.layer for c in result.steps[0].record.changes} == {"box_head", "score_head"}
 
 
+def test_output_softmax_stays_float_where_int8_steps_would_erase_the_probabilities(tmp_path):
+    proto = qm.many_class_softmax_model()
+    calib, evaluation = qm.data((4, 8, 8), 64, 1), qm.data((4, 8, 8), 64, 2)
+    reference = runtime.run_model(ir.from_proto(proto), evaluation.batches(64))["prob"]
+    path = tmp_path / "float.onnx"
+    onnx.save(proto, str(path))
+    quantize_static(str(path), str(tmp_path / "ort.onnx"), FeedReader(calib.batches(16)))
+    ort_out = runtime.run_model(io.load(tmp_path / "ort.onnx"), evaluation.batches(64))["prob"]
+    # onnxruntime's defaults: steps of 1/255 leave a handful of distinct probabilities.
+    assert len(np.unique(ort_out)) < 20
+    assert np.mean(ort_out.argmax(1) == reference.argmax(1)) < 0.9
+    result = api.compress(
+        ir.from_proto(proto), calib, passes=[Quantize("int8", **BARE)], eval_data=evaluation
+    )
+    ours = runtime.run_model(result.model, evaluation.batches(64))["prob"]
+    assert np.mean(ours.argmax(1) == reference.argmax(1)) > 0.95
+    notes = result.steps[0].record.notes
+    assert any(n.startswith("float tail: output 'prob' comes from Softmax 'softmax'") for n in notes)
+    assert [c.layer for c in result.steps[0].record.changes] == ["conv", "fc"]  # both layers int8
+
+
 def test_calibration_streams_batches_and_matches_one_pass_ranges(tmp_path, monkeypatch):
     from onnxslim_tool.quantization import calibration
 
