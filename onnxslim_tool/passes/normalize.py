@@ -1,8 +1,9 @@
 """Lossless cleanup: what every model gets before (and after) compression.
 
 Constant lifting, constant folding (onnxscript's folder, same IR), BatchNorm folding into
-the preceding Conv/ConvTranspose/Gemm, Identity/Dropout removal, dead code and duplicate
-initializer removal, topological order.
+the preceding Conv/ConvTranspose/Gemm, Identity/Dropout removal, reshape-transpose-reshape
+axis swaps as one Transpose (axis_swap.py), dead code and duplicate initializer removal,
+topological order.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from onnx_ir.passes.common import (
 )
 
 from onnxslim_tool.graph_utils import add_initializer, attr, bypass, const_array, single_consumer
+from onnxslim_tool.passes.axis_swap import SimplifyAxisSwap
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
 
 # Folding these turns a few bytes of shape into a full tensor: the file would grow.
@@ -265,7 +267,7 @@ class Cleanup(CompressionPass):
             steps.append(FoldConstants())
         if self.fold_batchnorm:
             steps.append(FoldBatchNorm(include=self.include, exclude=self.exclude))
-        steps += [RemoveDeadCode(), DeduplicateInitializers()]
+        steps += [SimplifyAxisSwap(), RemoveDeadCode(), DeduplicateInitializers()]
         return steps
 
     def rewrite(self, model: ir.Model, record: PassRecord) -> None:

@@ -421,8 +421,9 @@ def reshape(ctx: NodeContext) -> None:
     if slot is None:
         return
     target = ctx.const(shape_value)
-    if target is None:
-        raise Unsupported("its target shape is computed at run time")
+    computed = target is None
+    if computed:
+        target = _partial_target(ctx, shape_value)
     in_dims, out_dims = ctx.dims(x), ctx.dims(out)
     if in_dims is None or out_dims is None:
         raise Unsupported("its shapes are unknown")
@@ -437,10 +438,36 @@ def reshape(ctx: NodeContext) -> None:
         axis, ids = _split_channels(ctx, slot, big_out, out_dims)
     else:
         raise Unsupported("it spreads the channel axis over several axes")
+    entries = [target[a] for a in out_axes]
+    if any(e is None for e in entries):
+        raise Unsupported("its target shape is computed at run time")
+    entry = int(target[axis])
+    names_count = entry > 0 or (entry == 0 and int(ctx.attr("allowzero", 0)) == 1)
+    if names_count and computed:
+        raise Unsupported(f"its target shape is computed at run time and names the channel count {entry}")
     ctx.forward(out, axis, ids)
-    entry = int(np.ravel(target)[axis])
-    if entry > 0 or (entry == 0 and int(ctx.attr("allowzero", 0)) == 1):
+    if names_count:
         ctx.member(shape_value, axis, "shape", ids)
+
+
+def _partial_target(ctx: NodeContext, value: ir.Value) -> list[int | None]:
+    """A Reshape target built at run time as Concat(pieces): constants where pieces are
+    constant, None elsewhere (batch and sequence sizes read with Shape). Exporters write head
+    splits this way, e.g. [batch, sequence, -1, 32]: the channel entries are constants."""
+    node = value.producer()
+    if node is None or node.op_type != "Concat":
+        raise Unsupported("its target shape is computed at run time")
+    entries: list[int | None] = []
+    for piece in node.inputs:
+        array = ctx.const(piece)
+        if array is not None:
+            entries += [int(v) for v in np.ravel(array)]
+            continue
+        dims = ctx.dims(piece)
+        if dims is None or len(dims) != 1 or not isinstance(dims[0], int):
+            raise Unsupported("its target shape is computed at run time")
+        entries += [None] * dims[0]
+    return entries
 
 
 def _split_channels(
