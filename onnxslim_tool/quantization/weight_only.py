@@ -195,14 +195,16 @@ def _quantize(array: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarr
     if axis is None:
         _zp, scale, q = quantize_data(array.ravel(), TensorProto.INT8, symmetric=True)
         return np.asarray(q, dtype=np.int8).reshape(array.shape), np.asarray(scale, dtype=np.float32)
+    # onnxruntime's rule for every slice at once (its per-slice calls took 7 s of every static
+    # int8 build on DenseNet121, 69k slices): range widened to hold 0, symmetric, scale =
+    # 2 * absmax / 254 in float64 (1 where that is below float32's tiny), round half to even.
     moved = np.moveaxis(array, axis, 0)
-    scales, rows = [], []
-    for channel in moved:
-        _zp, scale, q = quantize_data(channel.ravel(), TensorProto.INT8, symmetric=True)
-        scales.append(float(scale))
-        rows.append(np.asarray(q, dtype=np.int8).reshape(channel.shape))
-    quantized = np.moveaxis(np.stack(rows), 0, axis)
-    return np.ascontiguousarray(quantized), np.asarray(scales, dtype=np.float32)
+    rows = moved.reshape(moved.shape[0], -1).astype(np.float32)
+    low, high = np.minimum(rows.min(axis=1), 0), np.maximum(rows.max(axis=1), 0)
+    scale = 2 * np.maximum(np.abs(low), np.abs(high)).astype(np.float64) / 254.0
+    scale = np.where(scale < np.finfo(np.float32).tiny, 1.0, scale).astype(np.float32)
+    quantized = np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(np.moveaxis(quantized.reshape(moved.shape), 0, axis)), scale
 
 
 def _rounds_gently(array: np.ndarray, axis: int | None) -> bool:

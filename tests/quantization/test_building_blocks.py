@@ -235,3 +235,21 @@ def test_static_int8_takes_its_final_ranges_from_every_sample(tmp_path):
     note = "final ranges from all 32 samples (held-out ones included; every score above used ranges from 16)"
     assert note in full_outcome.notes
     assert full_outcome.score is None and half_outcome.score is not None  # no held-out score of its own
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((16, 3, 3, 3), 0), ((24, 40), 0), ((30, 7), 1)])
+def test_per_channel_int8_storage_follows_onnxruntimes_rounding_slice_by_slice(shape, axis):
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    from onnxslim_tool.quantization.weight_only import _quantize
+
+    rng = np.random.default_rng(3)
+    spread = rng.uniform(1e-3, 10, shape[axis]).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    array = (rng.standard_normal(shape) * spread).astype(np.float32)
+    np.moveaxis(array, axis, 0)[2] = 0  # an all-zero slice gets onnxruntime's scale of 1
+    np.moveaxis(array, axis, 0)[1] = np.abs(np.moveaxis(array, axis, 0)[1])  # one-signed slice
+    quantized, scales = _quantize(array, axis)
+    for index, channel in enumerate(np.moveaxis(array, axis, 0)):
+        _zp, scale, q = quantize_data(channel.ravel(), TensorProto.INT8, symmetric=True)
+        assert scales[index] == np.float32(scale)
+        np.testing.assert_array_equal(np.moveaxis(quantized, axis, 0)[index].ravel(), np.asarray(q, np.int8))
