@@ -427,6 +427,8 @@ def reshape(ctx: NodeContext) -> None:
     in_dims, out_dims = ctx.dims(x), ctx.dims(out)
     if in_dims is None or out_dims is None:
         raise Unsupported("its shapes are unknown")
+    if len(target) != len(out_dims):
+        raise Unsupported(f"its target has {len(target)} entries for a rank-{len(out_dims)} output")
     in_axes, out_axes = _cluster_of(in_dims, out_dims, slot.axis)
     big_out = [a for a in out_axes if out_dims[a] != 1]
     big_in = [a for a in in_axes if in_dims[a] != 1]
