@@ -2,9 +2,10 @@
 
 The flow, each step measured on held-out calibration samples against the float model:
 calibrate once per float variant (ranges cached), pick the activation type by a latency
-probe, try cross-layer equalization, SmoothQuant and bias correction (each kept only when it
-lowers the output error, or with a task metric bound, when it raises that metric or ties it
-with a lower error), then keep the most sensitive layers float until the budget holds.
+probe, decide whether the float constants nobody quantized (biases, norm parameters) are
+stored int8 or left float, try cross-layer equalization, SmoothQuant and bias correction
+(each kept only when it lowers the output error, or with a task metric bound, when it raises
+that metric or ties it with a lower error), then keep the most sensitive layers float until the budget holds.
 The decisions made, the final model's ranges come from every sample the flow was given
 (`final_data`: the calibration and held-out halves together), as onnxruntime's own static
 quantizer would use them: ranges fitted on twice the samples cover the data better.
@@ -25,7 +26,7 @@ from onnxslim_tool.data import CalibrationData
 from onnxslim_tool.graph_utils import const_array
 from onnxslim_tool.quantization import bias_correction, equalize, mixed_precision, smoothquant, tails
 from onnxslim_tool.quantization.calibration import Calibration, calibrate
-from onnxslim_tool.quantization.evaluation import Judge, Score
+from onnxslim_tool.quantization.evaluation import COSINE, METRIC_TIE, Judge, Score
 from onnxslim_tool.quantization.ort_backend import StaticSettings, quantize_static_qdq, write_ranges
 from onnxslim_tool.quantization.probe import cpu_has_vnni, latencies
 from onnxslim_tool.quantization.weight_only import store_all_remaining_constants
@@ -45,6 +46,7 @@ INT8_MARGIN = 0.9
 # 0.76x, 4.7M 0.39x. The sample models' layers are all under it (17k-147k MACs), and their
 # static int8 ran 1.07-1.26x slower than fp32; MiniLM's (4.7M at 32 tokens) and the CNNs' are over it.
 MIN_INT8_LAYER_MACS = 262_144
+CLEAR_ERROR_GAIN = 0.9
 
 
 @dataclass
@@ -103,6 +105,9 @@ class StaticFlow:
         self.excluded = dict(options.excluded)
         self.judge = Judge(float_model, holdout, options.task_metric)
         self._count = 0
+        # Float constants nobody quantized (biases, norm parameters) stored int8 too; measured
+        # below, because their rounding feeds every activation of a deep net (DenseNet121).
+        self.store_constants = True
 
     # ----- building blocks ---------------------------------------------------------------------
 
@@ -123,7 +128,8 @@ class StaticFlow:
             variant.path, variant.ranges_path, self.options.calibrator, settings, out
         )
         out.unlink(missing_ok=True)
-        store_all_remaining_constants(quantized)
+        if self.store_constants:
+            store_all_remaining_constants(quantized)
         return quantized
 
     # ----- the flow ----------------------------------------------------------------------------
@@ -140,6 +146,8 @@ class StaticFlow:
         settings = self.choose_activation_type(best, settings)
         score = self.judge.score(self.quantize(best, settings))
         self.notes.append(f"int8 static: held-out {score.describe()}")
+        # Decided first, so that every repair is judged in the storage the result will have.
+        score = self.try_float_constants(best, settings, score)
         if self.options.equalize:
             best, score = self.try_equalization(best, settings, score)
         if self._smoothquant_wanted():
@@ -271,6 +279,29 @@ class StaticFlow:
         variant = self.variant(corrected, "bias_corrected", ranges_from=best)
         what = f"{len(done)} layer(s), mean |shift| up to {max(d.mean_abs_shift for d in done):.3g}"
         return self._keep_if_better("bias correction", what, best, variant, settings, score)
+
+    def try_float_constants(self, best: Variant, settings: StaticSettings, score: Score) -> Score:
+        """Keep the remaining float constants float when storing them int8 costs accuracy."""
+        self.store_constants = False
+        try:
+            new = self.judge.score(self.quantize(best, settings))
+        finally:
+            self.store_constants = True
+        if new.metric == score.metric and new.rel_error == score.rel_error:
+            return score  # nothing was stored, or nothing it stored mattered
+        # Int8 storage saves bytes, so float must earn its place: a metric gain beyond a tie,
+        # or where the metric is output cosine, an output error at least 10% lower.
+        if self.judge.metric_name == COSINE:
+            keep_float = new.rel_error < CLEAR_ERROR_GAIN * score.rel_error
+        else:
+            keep_float = new.metric > score.metric + METRIC_TIE
+        self.store_constants = not keep_float
+        self.notes.append(
+            "other float constants (biases, norm parameters) int8: held-out output error "
+            f"{score.rel_error:.4f} with them int8, {new.rel_error:.4f} float; {score.metric_name} "
+            f"{score.metric:.4f} vs {new.metric:.4f}: " + ("kept float" if keep_float else "stored int8")
+        )
+        return new if keep_float else score
 
     def _keep_if_better(
         self,

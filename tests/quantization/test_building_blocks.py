@@ -253,3 +253,28 @@ def test_per_channel_int8_storage_follows_onnxruntimes_rounding_slice_by_slice(s
         _zp, scale, q = quantize_data(channel.ravel(), TensorProto.INT8, symmetric=True)
         assert scales[index] == np.float32(scale)
         np.testing.assert_array_equal(np.moveaxis(quantized, axis, 0)[index].ravel(), np.asarray(q, np.int8))
+
+
+def test_float_constants_stay_float_when_storing_them_int8_costs_accuracy(tmp_path, monkeypatch):
+    from onnxslim_tool.quantization import static
+    from onnxslim_tool.quantization.static import StaticFlow, StaticOptions
+
+    def harmful(model):  # stands for int8 storage whose rounding a deep net cannot absorb
+        for value in model.graph.initializers.values():
+            if value.const_value.dtype == ir.DataType.INT32:  # the quantized bias
+                value.const_value = ir.tensor(value.const_value.numpy() + 10_000, name=value.name)
+        return ["b"]
+
+    model = io.load(qm.bias_shift_model())
+    calib, holdout = qm.data((16,), 32, 1), qm.data((16,), 32, 2)
+    monkeypatch.setattr(static, "store_all_remaining_constants", harmful)
+    outcome = StaticFlow(model, calib, holdout, StaticOptions(**qm.BARE), tmp_path).run()
+    assert any(n.startswith("other float constants") and n.endswith("kept float") for n in outcome.notes)
+    inits = outcome.model.graph.initializers.values()
+    biases = [v for v in inits if v.const_value.dtype == ir.DataType.INT32]
+    assert biases and all(np.abs(v.const_value.numpy()).max() < 10_000 for v in biases)  # untouched
+
+    monkeypatch.setattr(static, "store_all_remaining_constants", lambda model: [])
+    (tmp_path / "harmless").mkdir()
+    harmless = StaticFlow(model, calib, holdout, StaticOptions(**qm.BARE), tmp_path / "harmless").run()
+    assert not any(n.startswith("other float constants") for n in harmless.notes)  # nothing to decide
