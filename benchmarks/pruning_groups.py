@@ -81,12 +81,14 @@ def measure(name: str, source: str, model, data: CalibrationData | None, shapes:
         cleaned = io.load(loaded, lift_constants=False)
         Cleanup(fold_batchnorm=False).call(cleaned)
         groups = find_groups(cleaned)
-        row.groups, row.prunable = len(groups), sum(g.prunable for g in groups)
+        row.groups = len(groups)
         passes = [Cleanup(fold_batchnorm=False), ChannelPruning(ratio=RATIO), Cleanup()]
         result = api.compress(loaded, data, passes=passes, eval_data=data, input_shapes=shapes)
         record = result.steps[1].record
         row.pruned = len(record.changes)
         row.refused = Counter(_general(skip.reason) for skip in record.skipped)
+        # Prunable as the pass saw it (at the data's shapes): all but the groups an op rule blocked.
+        row.prunable = row.groups - sum(n for reason, n in row.refused.items() if "(protected" not in reason)
         row.macs = result.after.macs / result.before.macs
         row.params = result.after.params / result.before.params
     except Exception as exc:  # a failure is a finding: it goes in the table
@@ -111,9 +113,11 @@ def markdown(rows: list[Row], command: str) -> str:
         "onnxruntime session, numeric comparison with the original). The light-zoo nets carry "
         "seeded random weights, so accuracy means nothing here: this page is about which channel "
         "groups the rules find, prune or refuse, and that every result validates. "
-        "**groups**: dependency groups found; **prunable**: not blocked by an op rule; **pruned**: "
+        "**groups**: dependency groups found; **prunable**: not blocked by an op rule at the data's "
+        "input shapes; **pruned**: "
         "groups that lost channels (the first layer's and the classifier's groups are protected "
-        "by default and counted as refused).",
+        "by default and counted as refused); **s**: wall seconds of the whole run, on a 2-core machine "
+        "that was running other work at the same time.",
         "",
         "| model | source | groups | prunable | pruned | refused | MACs × | params × | s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
