@@ -105,3 +105,16 @@ def test_zoo_metric_ignores_each_samples_offset_and_sees_a_reordered_class():
     swapped = probs[:, ::-1]  # every class's score moved: a plain cosine still reads ~1
     plain = float((probs * swapped).sum() / np.linalg.norm(probs) / np.linalg.norm(swapped))
     assert plain > 0.97 and centred_cosine({"prob": swapped}, reference) < 0.2
+
+
+def test_pruning_coverage_table_counts_groups_and_reasons():
+    from benchmarks.pruning_groups import markdown, measure
+    from onnxslim_tool.data import CalibrationData
+
+    data = CalibrationData.from_npz("sample_models/digits_cnn_calib.npz").subset(4)
+    row = measure("digits_cnn", "sample_models/", "sample_models/digits_cnn.onnx", data, None)
+    assert row.error is None and row.groups == 6 and row.pruned >= 1
+    assert row.pruned + sum(row.refused.values()) <= row.groups and row.macs < 1.0
+    assert any("protected" in reason for reason in row.refused)
+    page = markdown([row], "python -m benchmarks.pruning_groups")
+    assert "| digits_cnn | sample_models/ | 6 |" in page and "## Why groups were refused" in page
