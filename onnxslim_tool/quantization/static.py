@@ -5,8 +5,8 @@ calibrate once per float variant (ranges cached), pick the activation type by a 
 probe, decide whether the float constants nobody quantized (biases, norm parameters) are
 stored int8 or left float, try cross-layer equalization, SmoothQuant and bias correction
 (each kept only when it lowers the output error, or with a task metric bound, when it raises
-that metric or ties it with a lower error), then keep the most sensitive layers float until the budget holds.
-The decisions made, the final model's ranges come from every sample the flow was given
+that metric or ties it with a lower error), then keep the most sensitive layers float until
+the budget holds. The decisions made, the final model's ranges come from every sample the flow was given
 (`final_data`: the calibration and held-out halves together), as onnxruntime's own static
 quantizer would use them: ranges fitted on twice the samples cover the data better.
 """
@@ -111,13 +111,21 @@ class StaticFlow:
 
     # ----- building blocks ---------------------------------------------------------------------
 
-    def variant(self, model: ir.Model, label: str, ranges_from: Variant | None = None) -> Variant:
-        """Write `model`; calibrate it, or reuse the ranges of `ranges_from`."""
+    def variant(
+        self,
+        model: ir.Model,
+        label: str,
+        ranges_from: Variant | None = None,
+        data: CalibrationData | None = None,
+    ) -> Variant:
+        """Write `model`; calibrate it (on `data`, else the calibration half), or reuse the
+        ranges of `ranges_from`."""
         path = self.workdir / f"{label}.onnx"
         io.save(model, path)
         if ranges_from is not None:
             return Variant(model, path, ranges_from.ranges_path, ranges_from.calibration, label)
-        result = calibrate(path, self.calibration, self.options.calibrator, self.workdir)
+        source = data if data is not None else self.calibration
+        result = calibrate(path, source, self.options.calibrator, self.workdir)
         ranges = write_ranges(result, self.workdir / f"{label}_ranges.json")
         return Variant(model, path, ranges, result, label)
 
@@ -168,11 +176,7 @@ class StaticFlow:
         data = self.final_data
         if data is None or len(data) <= best.calibration.samples:
             return None
-        saved_calibration, self.calibration = self.calibration, data
-        try:
-            variant = self.variant(best.model, "final")
-        finally:
-            self.calibration = saved_calibration
+        variant = self.variant(best.model, "final", data=data)
         self.notes.append(
             f"final ranges from all {len(data)} samples (held-out ones included; every score above "
             f"used ranges from {best.calibration.samples})"
