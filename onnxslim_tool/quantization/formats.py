@@ -103,10 +103,10 @@ class Formats:
         self._weights_for_the_rest(
             model, notes, "embedding tables the static quantizer left float", ops=("Gather",)
         )
-        if outcome.score is None and self.context.holdout is not None:
-            notes.append(
-                f"final int8 static model, on held-out samples its ranges now include: {self.score(model)}"
-            )
+        if outcome.fitted_score is not None:
+            changed = len(notes) > before and self.context.holdout is not None
+            fitted = self.score(model) if changed else outcome.fitted_score.describe()
+            notes.append(f"final int8 static model, on held-out samples its ranges now include: {fitted}")
         elif len(notes) > before and self.context.holdout is not None:
             notes.append(f"final int8 static model: held-out {self.score(model)}")
         elif outcome.score is not None:

@@ -232,9 +232,44 @@ def test_static_int8_takes_its_final_ranges_from_every_sample(tmp_path):
     full, full_outcome = input_scale(every, tmp_path / "full")
     span = float(every.inputs["x"].max() - min(every.inputs["x"].min(), 0))
     assert full == pytest.approx(span / 255, rel=1e-3) and full > 2 * half
-    note = "final ranges from all 32 samples (held-out ones included; every score above used ranges from 16)"
+    note = (
+        "ranges recalibrated on all 32 samples (held-out ones included; "
+        "every score above used ranges from 16)"
+    )
     assert note in full_outcome.notes
     assert full_outcome.score is None and half_outcome.score is not None  # no held-out score of its own
+    assert full_outcome.fitted_score is not None and half_outcome.fitted_score is None
+
+
+def test_static_int8_keeps_the_calibration_halfs_ranges_when_all_samples_score_worse(tmp_path):
+    from onnxslim_tool.quantization.static import StaticFlow, StaticOptions
+
+    model = io.load(qm.bias_shift_model())
+    calib, holdout = qm.data((16,), 16, 1), qm.data((16,), 16, 2)
+    # One extreme sample among all of them stretches every min/max range 100-fold: the held-out
+    # samples, inside the new ranges, lose nearly all their resolution.
+    outlier = 100 * np.abs(qm.data((16,), 1, 3).inputs["x"])
+    samples = np.concatenate([calib.inputs["x"], holdout.inputs["x"], outlier])
+    every = CalibrationData.from_arrays({"x": samples})
+    flows = {
+        label: StaticFlow(model, calib, holdout, StaticOptions(**qm.BARE), tmp_path / label, final_data=data)
+        for label, data in (("half", None), ("every", every))
+    }
+    for label in flows:
+        (tmp_path / label).mkdir()
+    half, kept = (flow.run() for flow in flows.values())
+
+    assert kept.fitted_score is None and kept.score == half.score
+    assert any("even on the held-out samples they include" in note for note in kept.notes)
+    scale = {
+        label: next(
+            float(n.inputs[1].const_value.numpy())
+            for n in outcome.model.graph
+            if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"
+        )
+        for label, outcome in (("half", half), ("kept", kept))
+    }
+    assert scale["kept"] == scale["half"]
 
 
 @pytest.mark.parametrize(("shape", "axis"), [((16, 3, 3, 3), 0), ((24, 40), 0), ((30, 7), 1)])
