@@ -26,6 +26,7 @@ from onnxslim_tool.graph_utils import attr, const_array
 from onnxslim_tool.passes.base import CompressionPass, PassRecord
 from onnxslim_tool.pruning import importance, nisp
 from onnxslim_tool.pruning.apply import apply_plan, values_by_name
+from onnxslim_tool.pruning.consumer_inputs import ConsumerInputs, Request
 from onnxslim_tool.pruning.depgraph import find_groups, node_labels
 from onnxslim_tool.pruning.groups import ChannelRef, DependencyGroup, PruningPlan
 from onnxslim_tool.pruning.reconstruct import FitStats, LinearLayer, as_linear_layer, refit_layers
@@ -145,7 +146,7 @@ class ChannelPruning(CompressionPass):
             return
         original = io.load(model, lift_constants=False)
         feeds = list(self.calibration.batches(BATCH)) if self.calibration is not None else []
-        evidence = _Evidence(original, feeds, self.max_rows, self.seed)
+        evidence = _Evidence(original, feeds, self.max_rows, self.seed, queue=list(candidates))
         scores = {g.id: self._scores(evidence, g, record) for g in candidates}
         shapes = data_shapes(model, self.calibration)
         if shapes and self.target_macs is not None:
@@ -423,9 +424,12 @@ class _Evidence:
     # NISP importance of every value, computed once for all groups (see `nisp`).
     propagation: nisp.Propagation | None = None
     blocked_noted: bool = False
+    # The groups in the order their consumer inputs will be asked for (read ahead in batches).
+    queue: list[DependencyGroup] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.nodes = _nodes_by_label(self.model.graph)
+        self.inputs = ConsumerInputs(self.model, self.feeds, self.seed)
 
     def weight_norms(self, g: DependencyGroup, order: int) -> list[np.ndarray]:
         """Per-member norms of the producing weight rows (consumer columns when no producer)."""
@@ -468,9 +472,7 @@ class _Evidence:
         """Each channel's additive share of its consumers' outputs on sampled rows (ThiNet),
         every consumer scaled to unit RMS so that none dominates."""
         parts = []
-        for patches, weight in self._consumer_inputs(
-            g, lambda outputs, width: max(1, self.max_rows // outputs)
-        ):
+        for patches, weight in self._consumer_inputs(g, "contributions"):
             shares = importance.channel_contributions(patches, weight)
             scale = float(np.sqrt((shares**2).mean()))
             parts.append(shares / scale if scale > 0 else shares)
@@ -485,12 +487,7 @@ class _Evidence:
         weights and its bias: the refit the pass applies, restricted to one consumer and to
         the group's own columns (the other inputs stay as they are)."""
         problems = []
-
-        def rows(outputs: int, width: int) -> int:
-            # Bounded so the sampled inputs stay under ~160 MB of float64 however wide.
-            return max(1, min(self.max_rows, _SEARCH_ELEMENTS // width))
-
-        for patches, weight in self._consumer_inputs(g, rows):
+        for patches, weight in self._consumer_inputs(g, "search"):
             width = patches.shape[1] * patches.shape[2]
             if width > MAX_SEARCH_INPUTS:
                 continue  # too wide to solve once per trial; this consumer does not vote
@@ -499,24 +496,26 @@ class _Evidence:
             problems.append((stats, np.arange(width).reshape(patches.shape[1], -1)))
         return problems
 
-    def _consumer_inputs(self, g: DependencyGroup, rows_for: Callable[[int, int], int]):
+    def _consumer_inputs(self, g: DependencyGroup, kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per one-to-one consumer: sampled inputs [rows, channels, span * taps] of the group's
-        channels (float64) and the matching weight slice [outputs, channels, span * taps];
-        `rows_for(outputs, inputs)` says how many rows to sample in all."""
+        channels (float64) and the matching weight slice [outputs, channels, span * taps]. The
+        groups queued after `g` are read in the same model runs while memory allows."""
+        position = next((i for i, h in enumerate(self.queue) if h.id == g.id), len(self.queue))
+        upcoming = (((kind, h.id), self._requests(h, kind)) for h in self.queue[position + 1 :])
+        return self.inputs.read(((kind, g.id), self._requests(g, kind)), upcoming)
+
+    def _requests(self, g: DependencyGroup, kind: str) -> list[Request]:
+        requests = []
         for ref, layer in self.reading_layers(g):
-            weight = layer.weight()  # [outputs, inputs, taps]
-            wanted = rows_for(weight.shape[0], g.size * ref.span * weight.shape[2])
-            per_batch = max(1, math.ceil(wanted / max(1, len(self.feeds))))
-            rng = np.random.default_rng(self.seed)
-            columns = _columns(ref, g.size).ravel()
-            chunks = [
-                layer.rows(batch[layer.input.name], None, rng, per_batch)[0][:, columns]
-                for batch in runtime.stream_tensors(self.model, [layer.input.name], self.feeds)
-            ]
-            patches = (
-                np.concatenate(chunks).astype(np.float64).reshape(-1, g.size, ref.span * weight.shape[2])
-            )
-            yield patches, weight[:, columns].reshape(weight.shape[0], g.size, -1)
+            outputs, _inputs, taps = layer.weight_shape
+            width = g.size * ref.span * taps
+            if kind == "search":
+                # Bounded so the sampled inputs stay under ~160 MB of float64 however wide.
+                rows = max(1, min(self.max_rows, _SEARCH_ELEMENTS // width))
+            else:
+                rows = max(1, self.max_rows // outputs)
+            requests.append(Request(layer, _columns(ref, g.size), rows))
+        return requests
 
     def pooled(self, g: DependencyGroup) -> np.ndarray | None:
         """[samples, channels, span] responses of one tensor carrying the group, averaged over
