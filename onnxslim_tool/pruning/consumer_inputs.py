@@ -34,9 +34,11 @@ class Request:
     columns: np.ndarray
     rows: int  # rows wanted over all batches
 
+    def per_batch(self, batches: int) -> int:
+        return max(1, -(-self.rows // max(1, batches)))
+
     def patch_bytes(self, batches: int) -> int:
-        per_batch = -(-self.rows // max(1, batches))
-        return per_batch * max(1, batches) * self.columns.size * self.layer.weight_shape[2] * 8
+        return self.per_batch(batches) * max(1, batches) * self.columns.size * self.layer.weight_shape[2] * 8
 
 
 Entry = tuple[Hashable, Sequence[Request]]
@@ -85,7 +87,6 @@ class ConsumerInputs:
 
     def _fill(self, entries: list[Entry]) -> None:
         jobs = [(key, request, np.random.default_rng(self.seed)) for key, reqs in entries for request in reqs]
-        batches = max(1, len(self.feeds))
         chunks: list[list[np.ndarray]] = [[] for _ in jobs]
         names = list(dict.fromkeys(request.layer.input.name for _, request, _ in jobs))
         self.runs += 1
@@ -93,7 +94,7 @@ class ConsumerInputs:
             for name in names:
                 self._tensor_bytes[name] = max(self._tensor_bytes.get(name, 0), int(batch[name].nbytes))
             for chunk, (_key, request, rng) in zip(chunks, jobs, strict=True):
-                per_batch = max(1, -(-request.rows // batches))
+                per_batch = request.per_batch(len(self.feeds))
                 sampled = request.layer.rows(batch[request.layer.input.name], None, rng, per_batch)[0]
                 chunk.append(sampled[:, request.columns.ravel()])
         for key, _requests in entries:
